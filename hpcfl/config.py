@@ -1,0 +1,251 @@
+"""Run configuration: TOML -> validated dataclasses.
+
+Every section of the TOML file maps to one dataclass below; every key to one field. Unknown sections or
+keys, wrong types and out-of-range values are refused with a ``ConfigError`` naming the key, so a typo never
+silently falls back to a default. ``--set section.key=value`` overrides are parsed as TOML values
+(``--set train.lr=1e-3``, ``--set model.name=resnet18``; a bare word is taken as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+from hpcfl.errors import UsageError
+
+
+class ConfigError(UsageError, ValueError):
+    """A configuration problem the user must fix; the message names the key."""
+
+
+def _opt(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
+    """A field with its valid range (``lo``/``hi`` inclusive unless ``lo_open``) or its allowed values."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    seed: int = _opt(0, lo=0, doc="base seed of every random stream (model init, shuffling, augmentation)")
+    rounds: int = _opt(20, lo=1, doc="communication rounds T")
+    out: str = _opt("runs/default", doc="run directory (metrics.jsonl, config.toml, logs)")
+    torch_threads: int = _opt(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
+    device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
+    aggregation: str = _opt("exact", choices=("exact", "float32"),
+                            doc="'exact': fixed-point sum, equal for any world size; 'float32': half the bytes")
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("builtin", doc="'builtin' (the generated benchmark, built on first use) or a shard directory")
+    cache_dir: str = _opt("data", doc="where the built-in benchmark's shards are written")
+
+
+@dataclass
+class BenchmarkConfig:
+    """The built-in quality-shift benchmark (preprocess/synthetic.py); used when data.source = 'builtin'."""
+
+    num_clients: int = _opt(20, lo=1)
+    num_corrupted: int = _opt(4, lo=0, doc="the last num_corrupted clients get corrupted training images")
+    num_train: int = _opt(4000, lo=1)
+    num_test: int = _opt(1000, lo=1)
+    image_size: int = _opt(32, lo=16, hi=512)
+    class_prior: list = _opt([0.022, 0.205, 0.13, 0.215, 0.428], doc="class frequencies (ICH's, §6.1)")
+    alpha: float = _opt(1.0, lo=0.0, lo_open=True, doc="Dirichlet concentration of the partition (§6.4)")
+    corruption: str = _opt("gaussian", choices=("gaussian",))
+    severity: int = _opt(3, lo=1, hi=5, doc="corruption severity of the corrupted clients (3: sigma 0.18)")
+    test_severities: list = _opt([3], doc="severities of the corrupted test copies")
+    seed: int = _opt(2024, lo=0, doc="seed of images, partition and corruption")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"))
+    width: int = _opt(32, lo=1, doc="channels of the small CNN's first block (doubles per block)")
+    pretrained_path: str = _opt("", doc="local state_dict file with ImageNet weights (never downloaded)")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _opt("adam", choices=("adam", "sgd"))
+    lr: float = _opt(3e-4, lo=0.0, lo_open=True)
+    weight_decay: float = _opt(5e-4, lo=0.0)
+    momentum: float = _opt(0.9, lo=0.0, hi=1.0, doc="SGD only")
+    batch_size: int = _opt(32, lo=1)
+    local_epochs: int = _opt(1, lo=1)
+    logit_adjust: bool = _opt(True, doc="logit-adjusted CE with the client's own class prior (§3.3)")
+    tau: float = _opt(1.0, lo=0.0, doc="logit-adjustment temperature")
+    augment: bool = _opt(True, doc="random affine (±10°, 2% shift) + horizontal flip (§6.7)")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = _opt("fedavg", choices=("fedavg",))
+
+
+@dataclass
+class EvalConfig:
+    every: int = _opt(1, lo=1, doc="evaluate every k rounds (and always after the last)")
+    batch_size: int = _opt(256, lo=1)
+
+
+@dataclass
+class DebugConfig:
+    fail_at: str = _opt("", doc="'RANK:ROUND' raises an error on that rank in local training of that round (tests)")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def digest(self) -> str:
+        """A hash of the resolved config (for checkpoints and run directories)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Type-check ``value`` against field ``f`` (exact types: a bool is not an int) and its range."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is list and isinstance(value, tuple):
+        value = list(value)
+    if type(value) is not want:
+        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} ({value!r})")
+    m = f.metadata
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, m['choices']))}")
+    if m.get("lo") is not None:
+        if value < m["lo"] or (m["lo_open"] and value == m["lo"]):
+            op = ">" if m["lo_open"] else ">="
+            raise ConfigError(f"{key}: {value!r} is out of range (must be {op} {m['lo']})")
+    if m.get("hi") is not None and value > m["hi"]:
+        raise ConfigError(f"{key}: {value!r} is out of range (must be <= {m['hi']})")
+    return value
+
+
+def _cross_checks(cfg: Config) -> None:
+    b = cfg.benchmark
+    if b.num_corrupted >= b.num_clients:
+        raise ConfigError(
+            f"benchmark.num_corrupted: {b.num_corrupted} must be smaller than benchmark.num_clients ({b.num_clients})")
+    if b.num_train < b.num_clients:
+        raise ConfigError(f"benchmark.num_train: {b.num_train} is fewer than one image per client ({b.num_clients})")
+    if len(b.class_prior) < 2 or any(not isinstance(p, (int, float)) or p <= 0 for p in b.class_prior):
+        raise ConfigError("benchmark.class_prior: needs at least 2 positive numbers")
+    if any(not isinstance(s, int) or not 1 <= s <= 5 for s in b.test_severities):
+        raise ConfigError(f"benchmark.test_severities: {b.test_severities!r} must be integers in 1..5")
+    if cfg.debug.fail_at:
+        parts = cfg.debug.fail_at.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"debug.fail_at: {cfg.debug.fail_at!r} must look like 'RANK:ROUND', e.g. '2:1'")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a validated ``Config`` from a nested dict (as parsed from TOML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a table of sections")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for sec_name, sec_val in raw.items():
+        if sec_name not in sections:
+            raise ConfigError(f"unknown section [{sec_name}] (known: {', '.join(sections)})")
+        if not isinstance(sec_val, dict):
+            raise ConfigError(f"{sec_name}: expected a table [{sec_name}], got {type(sec_val).__name__}")
+        cls = sections[sec_name].default_factory
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        vals = {}
+        for key, value in sec_val.items():
+            if key not in fields:
+                raise ConfigError(f"unknown key {sec_name}.{key} (known in [{sec_name}]: {', '.join(fields)})")
+            vals[key] = _check_value(f"{sec_name}.{key}", value, fields[key])
+        kwargs[sec_name] = cls(**vals)
+    cfg = Config(**kwargs)
+    _cross_checks(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=1e-3'`` -> (['train', 'lr'], 0.001). The value is read as TOML; a bare word as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, _, value = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.lr")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return path, parsed
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for text in overrides:
+        (sec, key), value = parse_override(text)
+        raw.setdefault(sec, {})
+        if not isinstance(raw[sec], dict):
+            raise ConfigError(f"--set {text!r}: {sec} is not a section")
+        raw[sec][key] = value
+    return from_dict(raw)
+
+
+def dumps_toml(d: dict) -> str:
+    """Minimal TOML writer for our two-level config (strings, numbers, booleans, flat lists)."""
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        if isinstance(v, float):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return str(v)
+
+    out = []
+    for sec, table in d.items():
+        out.append(f"[{sec}]")
+        out.extend(f"{k} = {val(v)}" for k, v in table.items())
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from hpcfl.comm import LocalComm, assign_clients
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 5, 20])
+def test_assignment_covers_every_client_once_and_balances(num_ranks):
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(50, 2000, size=20)
+    groups = assign_clients(sizes, num_ranks)
+    assert len(groups) == num_ranks
+    assert sorted(c for g in groups for c in g) == list(range(20))
+    assert all(g == sorted(g) and g for g in groups)
+    loads = [sizes[g].sum() for g in groups]
+    # greedy LPT: no rank exceeds the mean load by more than the largest client
+    assert max(loads) <= sizes.sum() / num_ranks + sizes.max()
+    assert assign_clients(list(sizes), num_ranks) == groups  # deterministic, any sequence type
+
+
+def test_assignment_balances_samples_not_counts():
+    groups = assign_clients([1000, 10, 10, 10, 10], 2)
+    assert groups == [[0], [1, 2, 3, 4]]
+
+
+def test_more_client_ranks_than_clients_is_refused_with_advice():
+    with pytest.raises(ValueError, match="5 client ranks but only 4 clients.*at most 5 ranks"):
+        assign_clients([1, 2, 3, 4], 5)
+
+
+def test_local_comm_is_the_identity_and_hosts_everything():
+    comm = LocalComm()
+    assert comm.is_server and comm.size == 1 and comm.my_clients([3, 1, 2]) == [0, 1, 2]
+    buf = np.arange(4.0)
+    assert comm.bcast(buf) is buf
+    recv = np.zeros(4)
+    comm.reduce_sum(buf, recv)
+    np.testing.assert_array_equal(recv, buf)
+    assert comm.reduce_sum(buf, buf) is buf
