@@ -4,9 +4,9 @@ Floating-point addition is not associative: summing a_i·w_i over clients as (ra
 partial) rounds differently from one sequential sum, and training amplifies those last-bit differences. So
 hpcfl sums in fixed point: every term a_i·w_i is computed in float64, scaled by a power of two 2^s and rounded
 to int64; integer addition is exact and associative, so any grouping (one rank or many, any MPI reduction tree)
-gives the same integers. The scale is chosen per round from the largest |w_i| so that the sum cannot overflow;
-with models whose entries stay below 2^10 the resolution is about 2^-45 ~ 3e-14, far below float32's precision
-of the result.
+gives the same integers. The scale is chosen per round from the largest term |a_i·w_i| and the number of
+terms so that the sum cannot overflow: the resolution is about 2^-(61 - log2 N) times the largest entry
+(2^-56 of it for N = 20), far below float32's precision of the result.
 
 ``aggregation = "float32"`` instead sums in float32 (half the bytes on the wire, results equal across world
 sizes only to the last bits).
@@ -39,7 +39,6 @@ def add_fixed_point(acc: np.ndarray, weight: float, vec: np.ndarray, exponent: i
     acc += term.astype(np.int64)
 
 
-def from_fixed_point(acc: np.ndarray, exponent: int, out: np.ndarray) -> np.ndarray:
-    """out[:] = acc * 2^-exponent (rounded once to out's dtype)."""
-    out[:] = np.ldexp(acc.astype(np.float64), -exponent)
-    return out
+def fixed_point_to_float64(acc: np.ndarray, exponent: int) -> np.ndarray:
+    """acc * 2^-exponent as float64 (the caller rounds once more, to the model's float32)."""
+    return np.ldexp(acc.astype(np.float64), -exponent)

@@ -7,7 +7,7 @@ Two implementations of one small interface:
   every client; the collectives are copies.
 
 Everything travels through mpi4py's uppercase, buffer-based collectives on contiguous NumPy arrays (the model
-as one float32 vector, statistics as float64 arrays): nothing is pickled.
+as one float32 vector, statistics as float64 arrays): nothing is ever pickled.
 
 MPICH busy-polls inside blocking calls. With more ranks than cores (6 ranks on 2 cores), ranks waiting in a
 collective would steal the cores of the ranks still computing. So every collective here first waits for all
@@ -52,7 +52,7 @@ def assign_clients(sizes: list[int] | np.ndarray, num_client_ranks: int) -> list
 
 
 class Comm:
-    """The interface the round protocol uses. ``rank``/``size`` are exposed for logging only."""
+    """The interface the round protocol uses: the server/client roles, the clients of this rank, collectives."""
 
     rank: int = 0
     size: int = 1
@@ -153,11 +153,13 @@ class MPIComm(Comm):
         self._arrive()
 
     def local_client_rank(self):
-        # Ranks sharing a node (shared memory); the server, if on this node, does not count.
+        # Ranks sharing a node (shared memory); the server, if on this node, does not count. A collective: every
+        # rank must call it.
         node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
-        ranks = node.allgather(self.rank)
+        ranks = np.empty(node.Get_size(), dtype=np.int64)
+        node.Allgather(np.array([self.rank], dtype=np.int64), ranks)
         node.Free()
-        clients_here = [r for r in sorted(ranks) if r != SERVER]
+        clients_here = [int(r) for r in sorted(ranks) if r != SERVER]
         return clients_here.index(self.rank) if self.rank in clients_here else 0
 
     def abort(self, code=1):

@@ -41,7 +41,7 @@ def _opt(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
 class RunConfig:
     seed: int = _opt(0, lo=0, doc="base seed of every random stream (model init, shuffling, augmentation)")
     rounds: int = _opt(20, lo=1, doc="communication rounds T")
-    out: str = _opt("runs/default", doc="run directory (metrics.jsonl, config.toml, logs)")
+    out: str = _opt("runs/default", doc="run directory (config.toml, run.json, metrics.jsonl, final_model.npy)")
     torch_threads: int = _opt(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
     aggregation: str = _opt("exact", choices=("exact", "float32"),
@@ -58,48 +58,71 @@ class DataConfig:
 class BenchmarkConfig:
     """The built-in quality-shift benchmark (preprocess/synthetic.py); used when data.source = 'builtin'."""
 
-    num_clients: int = _opt(20, lo=1)
+    num_clients: int = _opt(20, lo=1, doc="clients (hospitals) N")
     num_corrupted: int = _opt(4, lo=0, doc="the last num_corrupted clients get corrupted training images")
-    num_train: int = _opt(4000, lo=1)
-    num_test: int = _opt(1000, lo=1)
-    image_size: int = _opt(32, lo=16, hi=512)
+    num_train: int = _opt(4000, lo=1, doc="training images, split over the clients")
+    num_test: int = _opt(1000, lo=1, doc="images of the (global) test set")
+    image_size: int = _opt(32, lo=16, hi=512, doc="side of the square grayscale images, in pixels")
     class_prior: list = _opt([0.022, 0.205, 0.13, 0.215, 0.428], doc="class frequencies (ICH's, §6.1)")
     alpha: float = _opt(1.0, lo=0.0, lo_open=True, doc="Dirichlet concentration of the partition (§6.4)")
-    corruption: str = _opt("gaussian", choices=("gaussian",))
+    corruption: str = _opt("gaussian", choices=("gaussian",), doc="quality shift of the corrupted clients")
     severity: int = _opt(3, lo=1, hi=5, doc="corruption severity of the corrupted clients (3: sigma 0.18)")
-    test_severities: list = _opt([3], doc="severities of the corrupted test copies")
+    test_severities: list = _opt([3], doc="severities 1..5 of the corrupted test copies (test sets gaussian_<s>)")
     seed: int = _opt(2024, lo=0, doc="seed of images, partition and corruption")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"))
+    name: str = _opt("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"),
+                    doc="small CNN for CPU runs, or a torchvision backbone with a new head")
     width: int = _opt(32, lo=1, doc="channels of the small CNN's first block (doubles per block)")
     pretrained_path: str = _opt("", doc="local state_dict file with ImageNet weights (never downloaded)")
 
 
 @dataclass
 class TrainConfig:
-    optimizer: str = _opt("adam", choices=("adam", "sgd"))
-    lr: float = _opt(3e-4, lo=0.0, lo_open=True)
-    weight_decay: float = _opt(5e-4, lo=0.0)
+    optimizer: str = _opt("adam", choices=("adam", "sgd"), doc="local optimizer, re-created every round")
+    lr: float = _opt(3e-4, lo=0.0, lo_open=True, doc="learning rate (constant)")
+    weight_decay: float = _opt(5e-4, lo=0.0, doc="L2 weight decay inside the optimizer (coupled)")
     momentum: float = _opt(0.9, lo=0.0, hi=1.0, doc="SGD only")
-    batch_size: int = _opt(32, lo=1)
-    local_epochs: int = _opt(1, lo=1)
+    batch_size: int = _opt(32, lo=1, doc="local mini-batch size (the last partial batch is kept; a 1-sample rest joins the batch before)")
+    local_epochs: int = _opt(1, lo=1, doc="local epochs per round")
     logit_adjust: bool = _opt(True, doc="logit-adjusted CE with the client's own class prior (§3.3)")
     tau: float = _opt(1.0, lo=0.0, doc="logit-adjustment temperature")
     augment: bool = _opt(True, doc="random affine (±10°, 2% shift) + horizontal flip (§6.7)")
+    local_optimizer: str = _opt("auto", choices=("auto", "plain", "sam", "gsam"),
+                                doc="'auto': gsam for fedism/fedism_plus, plain for the others (as the reference)")
+    gsam_alpha: float = _opt(0.1, lo=0.0, doc="GSAM's α (surrogate-gap ascent)")
+
+
+ALGORITHMS = ("fedavg", "afl", "qfedavg", "fairfed", "fedce", "fedga", "fedism", "fedism_plus")
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = _opt("fedavg", choices=("fedavg",))
+    """The aggregation rule and its hyperparameters (docs/algorithms.md gives every formula)."""
+
+    name: str = _opt("fedavg", choices=ALGORITHMS, doc="aggregation rule")
+    variant: str = _opt("as_coded", choices=("as_coded", "qffl", "minimax", "corrected"),
+                        doc="'as_coded' = the official code; qfedavg: 'qffl'; afl: 'minimax'; fairfed: 'corrected'")
+    q: float = _opt(-1.0, lo=-1.0, doc="exponent of qfedavg (loss) and fedism (sharpness); -1: the method's "
+                                        "default (qfedavg 1, fedism 2)")
+    ema_beta: float = _opt(0.5, lo=0.0, hi=1.0, doc="fedism: EMA weight of the new round's weights")
+    rho: float = _opt(0.05, lo=0.0, doc="search distance ρ (ρ_max of fedism_plus) of local SAM/GSAM and of the "
+                                         "sharpness measurement")
+    rho_power: float = _opt(0.5, lo=0.0, doc="fedism_plus: ρ_t = ρ·((t+1)/T)^rho_power")
+    fairness_beta: float = _opt(1.0, lo=0.0, doc="fairfed: step β of the weight update")
+    fedce_mode: str = _opt("times", choices=("times", "plus"), doc="fedce: how cosine and leave-one-out terms combine")
+    fedga_step: float = _opt(0.05, lo=0.0, doc="fedga: base step d (decays linearly to 0 over the rounds)")
+    afl_lambda_lr: float = _opt(0.01, lo=0.0, doc="afl minimax: step γ_λ of the projected ascent on λ")
+    qffl_lipschitz: float = _opt(0.0, lo=0.0, doc="qfedavg qffl: Lipschitz constant L; 0: 1/train.lr")
+    stats_augment: bool = _opt(True, doc="client statistics on augmented data (as the reference) or un-augmented")
 
 
 @dataclass
 class EvalConfig:
     every: int = _opt(1, lo=1, doc="evaluate every k rounds (and always after the last)")
-    batch_size: int = _opt(256, lo=1)
+    batch_size: int = _opt(256, lo=1, doc="evaluation batch size")
 
 
 @dataclass
@@ -123,6 +146,14 @@ class Config:
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
+
+    def local_optimizer(self) -> str:
+        """The local optimizer actually used ('auto' resolved per algorithm)."""
+        if self.train.local_optimizer != "auto":
+            return self.train.local_optimizer
+        from hpcfl.algorithms import algorithm_class
+
+        return algorithm_class(self.algorithm.name).default_local_optimizer
 
     def digest(self) -> str:
         """A hash of the resolved config (for checkpoints and run directories)."""
@@ -164,6 +195,14 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("benchmark.class_prior: needs at least 2 positive numbers")
     if any(not isinstance(s, int) or not 1 <= s <= 5 for s in b.test_severities):
         raise ConfigError(f"benchmark.test_severities: {b.test_severities!r} must be integers in 1..5")
+    from hpcfl.algorithms import algorithm_class  # late: algorithms import nothing from here
+
+    algo = algorithm_class(cfg.algorithm.name)
+    if cfg.algorithm.variant not in algo.variants:
+        raise ConfigError(f"algorithm.variant: {cfg.algorithm.variant!r} is not a variant of {cfg.algorithm.name} "
+                          f"(its variants: {', '.join(algo.variants)})")
+    if cfg.algorithm.q < 0 and cfg.algorithm.q != -1.0:
+        raise ConfigError(f"algorithm.q: {cfg.algorithm.q!r} must be -1 (the method's default) or >= 0")
     if cfg.debug.fail_at:
         parts = cfg.debug.fail_at.split(":")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
@@ -249,3 +288,35 @@ def dumps_toml(d: dict) -> str:
         out.extend(f"{k} = {val(v)}" for k, v in table.items())
         out.append("")
     return "\n".join(out)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every section and key with its default, valid values and meaning."""
+    lines = ["# Configuration reference", "",
+             "Generated from `hpcfl/config.py` by `python -m hpcfl.config > docs/configuration.md` "
+             "(a test keeps it current).", "",
+             "Config files are TOML; every key is optional and defaults as below. On the command line, "
+             "`--set section.key=value` overrides one key (the value is read as TOML; a bare word as a string).", ""]
+    for sec in dataclasses.fields(Config):
+        cls = sec.default_factory
+        lines += [f"## [{sec.name}]", ""]
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+            lines += [cls.__doc__.strip(), ""]
+        lines += ["| key | default | valid | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if m.get("choices"):
+                valid = " \\| ".join(f"`{c}`" for c in m["choices"])
+            else:
+                lo = "" if m.get("lo") is None else f"{'>' if m['lo_open'] else '≥'} {m['lo']}"
+                hi = "" if m.get("hi") is None else f"≤ {m['hi']}"
+                valid = ", ".join(x for x in (lo, hi) if x) or type(default).__name__
+            shown = json.dumps(default) if not isinstance(default, bool) else str(default).lower()
+            lines.append(f"| `{f.name}` | `{shown}` | {valid} | {m.get('doc', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

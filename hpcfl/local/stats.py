@@ -1,0 +1,115 @@
+"""Client-side statistics: the scalars an algorithm needs, measured by each client on its own shard.
+
+All of them use the plain cross-entropy (no logit adjustment) in eval mode (BatchNorm with running statistics),
+over the client's whole training shard, as the reference does on the server (§3.4, §5). With
+``algorithm.stats_augment = true`` (the reference) every pass sees its own random augmentation of the images,
+drawn from the client's ``stats`` stream; with ``false`` the images are used as they are.
+
+| name              | value                                                                       | used by        |
+|-------------------|-----------------------------------------------------------------------------|----------------|
+| `loss`            | L_i(w^t), mean CE of the broadcast model                                     | qfedavg, afl, fedga |
+| `sharpness`       | max(L_i(w^t + ε) − L_i(w^t), 1e-10), ε = ρ_t·g/(‖g‖ + 1e-12), g = ∇ Σ CE     | fedism(+)      |
+| `bacc`            | balanced accuracy of w^t                                                     | fairfed        |
+| `loss_prev_local` | L_i(w_i^{t−1}), the client's own previous local model                        | fedga          |
+| `loo_bacc`        | balanced accuracy of w_{−i} = (w^t − c_i w_i^{t−1}) / (1 − c_i)              | fedce          |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+
+from hpcfl.flat import FlatLayout
+from hpcfl.local.trainer import ClientData
+
+STAT_NAMES = ("loss", "sharpness", "bacc", "loss_prev_local", "loo_bacc")
+
+
+@dataclass
+class StatsContext:
+    """What a client has at hand to measure its statistics."""
+
+    model: torch.nn.Module
+    layout: FlatLayout
+    data: ClientData
+    transform: object
+    global_vec: np.ndarray  # w^t
+    generator: torch.Generator | None  # None: no augmentation
+    batch_size: int
+    rho: float = 0.0
+    prev_local: np.ndarray | None = None  # w_i^{t-1}
+    prev_weight: float | None = None  # c_i, the client's weight in the last aggregation
+
+
+def _batches(ctx: StatsContext):
+    for a in range(0, ctx.data.n, ctx.batch_size):
+        x = ctx.transform(ctx.data.images[a:a + ctx.batch_size], ctx.generator)
+        yield x, ctx.data.labels[a:a + ctx.batch_size].to(x.device)
+
+
+@torch.no_grad()
+def mean_loss(ctx: StatsContext) -> float:
+    ctx.model.eval()
+    total = sum(float(F.cross_entropy(ctx.model(x), y, reduction="sum")) for x, y in _batches(ctx))
+    return total / ctx.data.n
+
+
+@torch.no_grad()
+def balanced_accuracy(ctx: StatsContext) -> float:
+    ctx.model.eval()
+    preds, labels = [], []
+    for x, y in _batches(ctx):
+        preds.append(ctx.model(x).argmax(1).cpu())
+        labels.append(y.cpu())
+    return float(balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(preds).numpy()))
+
+
+def sharpness(ctx: StatsContext) -> float:
+    """S = L(w + ε) − L(w), clipped at 1e-10: three passes (loss, gradient, perturbed loss), as the reference."""
+    model = ctx.model
+    loss = mean_loss(ctx)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for x, y in _batches(ctx):
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    scale = ctx.rho / (float(norm) + 1e-12)
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(p.grad, alpha=scale)
+    model.zero_grad(set_to_none=True)
+    perturbed = mean_loss(ctx)
+    with torch.no_grad():
+        for p, w in zip(params, saved):
+            p.copy_(w)
+    return max(perturbed - loss, 1e-10)
+
+
+def measure(names: tuple[str, ...], ctx: StatsContext) -> list[float]:
+    """The statistics ``names`` of one client, in that order. Leaves the model holding w^t."""
+    out = []
+    for name in names:
+        if name in ("loss", "sharpness", "bacc"):
+            ctx.layout.load_vector(ctx.model, ctx.global_vec)
+            out.append({"loss": mean_loss, "sharpness": sharpness, "bacc": balanced_accuracy}[name](ctx))
+        elif name == "loss_prev_local":
+            ctx.layout.load_vector(ctx.model, ctx.prev_local)
+            out.append(mean_loss(ctx))
+        elif name == "loo_bacc":
+            c = float(ctx.prev_weight)
+            if c < 1.0 - 1e-12:
+                loo = (ctx.global_vec.astype(np.float64) - c * ctx.prev_local) / (1.0 - c)
+            else:  # the only client with weight: there is no "rest of the federation" to measure
+                loo = ctx.global_vec
+            ctx.layout.load_vector(ctx.model, loo.astype(np.float32))
+            out.append(balanced_accuracy(ctx))
+        else:
+            raise ValueError(f"unknown client statistic {name!r} (known: {', '.join(STAT_NAMES)})")
+    ctx.layout.load_vector(ctx.model, ctx.global_vec)
+    return out

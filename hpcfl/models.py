@@ -1,0 +1,73 @@
+"""Model factory: a small CNN for CPU runs and torchvision backbones with a new classification head.
+
+Pretrained weights come only from a local file (``model.pretrained_path``); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU-pool blocks (width, 2·width, 4·width channels), global average pool, linear head."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        layers, c = [], in_channels
+        for k in range(3):
+            w = width * 2 ** k
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+# name -> (torchvision builder, attribute path of the classification head)
+_TORCHVISION = {
+    "resnet18": ("resnet18", "fc"),
+    "densenet121": ("densenet121", "classifier"),
+    "efficientnet_b0": ("efficientnet_b0", "classifier.1"),
+}
+
+
+def input_channels(model_name: str, data_channels: int) -> int:
+    """Channels the model takes: torchvision backbones take RGB (grayscale is replicated, as the reference does)."""
+    return 3 if model_name in _TORCHVISION else data_channels
+
+
+def build_model(name: str, num_classes: int, data_channels: int, width: int = 32,
+                pretrained_path: str = "") -> nn.Module:
+    if name == "cnn":
+        if pretrained_path:
+            raise ValueError("model.pretrained_path: the small CNN has no pretrained weights")
+        return SmallCNN(data_channels, num_classes, width)
+    if name not in _TORCHVISION:
+        raise ValueError(f"model.name: unknown model {name!r} (known: cnn, {', '.join(_TORCHVISION)})")
+    import torchvision
+
+    builder, head_path = _TORCHVISION[name]
+    model = getattr(torchvision.models, builder)(weights=None)
+    if pretrained_path:
+        p = Path(pretrained_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"model.pretrained_path: no such file {p}")
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith(head_path.split(".")[0])]:
+            raise ValueError(f"model.pretrained_path: {p} does not match {name} "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # New head for our classes (the pretrained head, if any, is replaced).
+    parent = model
+    *path, last = head_path.split(".")
+    for attr in path:
+        parent = getattr(parent, attr)
+    old = getattr(parent, last)
+    setattr(parent, last, nn.Linear(old.in_features, num_classes))
+    return model

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from hpcfl.data.transforms import BatchTransform
+from hpcfl.metrics import classification_metrics, predict_proba
+from hpcfl.models import build_model, input_channels
+
+
+def test_metrics_against_direct_sklearn_and_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2, 2])
+    probs = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1], [.1, .1, .8], [.5, .2, .3],
+                      [.2, .2, .6]], dtype=np.float32)
+    m = classification_metrics(y, probs)
+    pred = probs.argmax(1)  # [0, 1, 1, 1, 2, 0, 2]
+    assert m["acc"] == pytest.approx(5 / 7)
+    assert m["bacc"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
+    assert m["bacc"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, probs.astype(np.float64), multi_class="ovo"))
+    assert list(m) == ["bacc", "auc", "acc", "f1"]
+
+
+def test_auc_is_nan_when_a_class_is_missing_from_the_test_set():
+    m = classification_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.4, .3, .3]]))
+    assert np.isnan(m["auc"]) and m["acc"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18", "densenet121", "efficientnet_b0"])
+def test_every_model_builds_with_our_head_and_runs_at_32px(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, data_channels=1, width=8)
+    probs = predict_proba(model, torch.zeros(3, 32, 32, 1, dtype=torch.uint8), BatchTransform(input_channels(name, 1)),
+                          batch_size=2)
+    assert probs.shape == (3, 5)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
+    torch.manual_seed(1)
+    import torchvision
+
+    donor = torchvision.models.resnet18(weights=None)  # stands in for an ImageNet checkpoint on disk
+    path = tmp_path / "resnet18.pth"
+    torch.save(donor.state_dict(), path)
+    model = build_model("resnet18", 5, 3, pretrained_path=str(path))
+    assert torch.equal(model.conv1.weight, donor.conv1.weight)
+    assert model.fc.out_features == 5
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        build_model("resnet18", 5, 3, pretrained_path=str(tmp_path / "missing.pth"))
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="does not match resnet18"):
+        build_model("resnet18", 5, 3, pretrained_path=str(tmp_path / "foreign.pth"))
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_model("cnn", 5, 1, pretrained_path=str(path))

@@ -1,0 +1,108 @@
+"""Integration tests: the real ``python -m hpcfl.run``, in single-rank mode and under a real mpiexec.
+
+Launches are the expensive part (~5-10 s of imports each, more ranks than cores), so each launch serves
+several assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY, final_vector, launch, read_metrics, sets
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def equal_runs(tmp_path_factory, data_cache):
+    """The same tiny config under mpiexec -n 3 (which builds the benchmark: rank 0 builds, the others wait),
+    then single-rank, then mpiexec -n 6."""
+    root = tmp_path_factory.mktemp("equal")
+    procs = {}
+    for n in (3, 1, 6):
+        procs[n] = launch(n, ["--out", str(root / f"n{n}"), *sets(*TINY, f"data.cache_dir={data_cache}")])
+        assert procs[n].returncode == 0, procs[n].stderr[-3000:]
+    return root, procs
+
+
+def test_same_numbers_single_rank_and_under_mpi(equal_runs):
+    root, _ = equal_runs
+    runs = {n: read_metrics(root / f"n{n}") for n in (1, 3, 6)}
+    assert [m["round"] for m in runs[1]] == [0, 1, 2]
+    for n in (3, 6):
+        for a, b in zip(runs[1], runs[n]):
+            assert a["weights"] == pytest.approx(b["weights"], abs=1e-12)
+            for test_set in a["metrics"]:
+                for k, v in a["metrics"][test_set].items():
+                    assert b["metrics"][test_set][k] == pytest.approx(v, abs=1e-5, nan_ok=True), (n, test_set, k)
+        # the fixed-point aggregation makes the models bitwise equal, not only the metrics
+        np.testing.assert_array_equal(final_vector(root / f"n{n}"), final_vector(root / "n1"))
+
+
+def test_run_directory_contents_and_progress_lines(equal_runs):
+    root, procs = equal_runs
+    run = root / "n6"
+    lines = read_metrics(run)
+    first = lines[0]
+    assert set(first) >= {"round", "algorithm", "metrics", "weights", "time_s"}
+    assert first["algorithm"] == "fedavg"
+    assert set(first["metrics"]) == {"clean", "gaussian_3"}
+    assert set(first["metrics"]["clean"]) == {"bacc", "auc", "acc", "f1"}
+    assert len(first["weights"]) == 20 and sum(first["weights"]) == pytest.approx(1.0)
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 6 and sorted(sum(info["assignment"].values(), [])) == list(range(20))
+    assert set(info["assignment"]) == {"1", "2", "3", "4", "5"}
+    assert "rounds = 3" in (run / "config.toml").read_text()
+    progress = [line for line in procs[6].stdout.splitlines() if re.search(r"round \d+/3 ", line)]
+    assert len(progress) == 3 and all("[rank 0]" in line for line in progress)  # one line per round, rank 0
+
+
+def test_a_failure_on_any_rank_ends_the_job_and_names_it(tmp_path, data_cache):
+    base = sets(*TINY, f"data.cache_dir={data_cache}")
+    # a client rank fails in local training
+    p = launch(3, ["--out", str(tmp_path / "a"), *base, "--set", "debug.fail_at=2:1"], timeout=120)
+    assert p.returncode != 0 and p.wall_s < 60
+    assert "hpcfl: rank 2 failed in round 1, client " in p.stderr and "phase local training" in p.stderr
+    assert "injected failure" in p.stderr
+    assert len(read_metrics(tmp_path / "a")) == 1  # round 0 finished and was kept
+    # the server fails while deciding the weights; the client ranks are waiting for it
+    p = launch(3, ["--out", str(tmp_path / "b"), *base, "--set", "debug.fail_at=0:0"], timeout=120)
+    assert p.returncode != 0 and p.wall_s < 60
+    assert "hpcfl: rank 0 failed in round 0, client -, phase weights" in p.stderr
+    # single-rank mode: exit code 1 and the same message
+    p = launch(1, ["--out", str(tmp_path / "c"), *base, "--set", "debug.fail_at=0:2"], timeout=120)
+    assert p.returncode == 1 and "hpcfl: rank 0 failed in round 2, client 0, phase local training" in p.stderr
+
+
+def test_bad_input_gives_one_message_and_exit_2(tmp_path, data_cache):
+    p = launch(3, ["--out", str(tmp_path / "a"), "--set", "run.roundz=3"], timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.count("hpcfl: error: unknown key run.roundz") == 1
+    assert not (tmp_path / "a").exists()  # nothing half-written
+    # more client ranks than clients: found after the data is there, reported once, whole job ends
+    p = launch(6, ["--out", str(tmp_path / "b"),
+                   *sets(*TINY, f"data.cache_dir={data_cache}", "benchmark.num_clients=4",
+                         "benchmark.num_corrupted=1")], timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.count("5 client ranks but only 4 clients") == 1, p.stderr
+
+
+def test_server_memory_does_not_grow_with_the_number_of_clients(tmp_path, data_cache):
+    """A model of ~2.4M parameters (9.6 MB): a server holding every client's model would need 12 x 9.6 MB more
+    with 16 clients than with 4. hpcfl's server holds O(P) whatever the number of clients."""
+    rss = {}
+    for n_clients in (4, 16):
+        p = launch(3, ["--out", str(tmp_path / f"c{n_clients}"),
+                       *sets("run.rounds=1", "benchmark.num_train=128", "benchmark.num_test=20",
+                             "benchmark.image_size=16", "model.width=160", f"benchmark.num_clients={n_clients}",
+                             "benchmark.num_corrupted=1", f"data.cache_dir={data_cache}")], timeout=240)
+        assert p.returncode == 0, p.stderr[-3000:]
+        info = json.loads((tmp_path / f"c{n_clients}" / "run.json").read_text())
+        rss[n_clients] = info["server_peak_rss_mb"]
+        params_mb = info["num_parameters"] * 4 / 2 ** 20
+    assert params_mb > 8
+    assert rss[16] - rss[4] < 0.25 * 12 * params_mb, (rss, params_mb)
