@@ -2,7 +2,7 @@
 
 Command (launches itself under ``mpiexec -n W`` once per W, then prints a table and the ratios)::
 
-    python -m benchmarks.comm [--ranks 3 6] [--params 11200000] [--repeats 5] [--json PATH]
+    python -m benchmarks.comm [--ranks 3 6] [--params 11200000] [--repeats 5] [--clients 20] [--json PATH]
 
 or one world size directly: ``mpirun -n 6 python -m benchmarks.comm``.
 
@@ -19,7 +19,11 @@ the client ranks' contributions are summed on the server.
                     (twice the bytes in the Reduce);
   (e) pickled       what a naive implementation does: ``COMM_WORLD.bcast(state_dict)`` (lowercase, pickled) of a
                     torch state_dict holding the same values, then ``COMM_WORLD.gather(state_dict)`` of every
-                    client rank's state_dict to the server.
+                    client rank's state_dict to the server (one model per rank, as hpcfl sends);
+  (f) pickled_clients  the naive design: the same bcast, then every *client's* state_dict gathered to the server
+                    (``--clients``, 20 by default, spread over the client ranks as hpcfl spreads them), which then
+                    averages N models itself. (e) isolates the price of pickling, (f) that of pickling plus
+                    moving N models instead of one partial sum per rank.
 
 The state_dict of (e) is shaped like a real torchvision ResNet-18 whenever P allows one (from 11,186,625 to
 11,699,112 values: the classifier head takes the rest, 513 values per class; the 1000-class ImageNet model is
@@ -51,13 +55,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = 11_200_000
-METHODS = ["hpcfl_exact", "hpcfl_f32", "raw_f32", "raw_int64", "pickled"]
+METHODS = ["hpcfl_exact", "hpcfl_f32", "raw_f32", "raw_int64", "pickled", "pickled_clients"]
 LABELS = {
     "hpcfl_exact": "(a) hpcfl exact (int64 reduce)",
     "hpcfl_f32": "(b) hpcfl float32",
     "raw_f32": "(c) raw mpi4py float32",
     "raw_int64": "(d) raw mpi4py int64 reduce",
     "pickled": "(e) pickled state_dict bcast+gather",
+    "pickled_clients": "(f) pickled, one state_dict per client",
 }
 # (numerator, denominator, goal kind, goal value)
 RATIOS = [
@@ -66,6 +71,8 @@ RATIOS = [
     ("hpcfl_exact", "raw_int64", "<=", 1.2),
     ("pickled", "hpcfl_exact", ">=", 10.0),
     ("pickled", "hpcfl_f32", ">=", 10.0),
+    ("pickled_clients", "hpcfl_exact", ">=", 10.0),
+    ("pickled_clients", "hpcfl_f32", ">=", 10.0),
 ]
 # The worker's result reaches the parent as one stdout line with this prefix (MPI's own output may surround it).
 MARKER = "BENCHMARKS_COMM_RESULT "
@@ -143,7 +150,7 @@ def worker(args) -> dict | None:
     from mpi4py import MPI
     import torch
 
-    from hpcfl.comm import SERVER, MPIComm, world
+    from hpcfl.comm import SERVER, MPIComm, assign_clients, world
 
     torch.set_num_threads(1)  # as hpcfl does: 6 ranks share 2 cores
     mpi = MPI.COMM_WORLD
@@ -172,6 +179,9 @@ def worker(args) -> dict | None:
     state_dict = make_state_dict(args.params)
     sd_values = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
     assert sd_values == P, (sd_values, P)
+    # (f): this rank's clients, each with its own copy (pickle would send one shared object only once)
+    my_count = 0 if root else len(assign_clients([1] * args.clients, size - 1)[rank - 1])
+    client_sds = [{k: v.clone() for k, v in state_dict.items()} for _ in range(my_count)]
 
     def hpcfl_exact():
         comm.bcast(global_vec)
@@ -194,8 +204,13 @@ def worker(args) -> dict | None:
         gathered = mpi.gather(None if root else state_dict, root=SERVER)
         return got, gathered  # freed by the caller, after the clock stops
 
+    def pickled_clients():
+        got = mpi.bcast(state_dict if root else None, root=SERVER)
+        gathered = mpi.gather(None if root else client_sds, root=SERVER)
+        return got, gathered
+
     run = {"hpcfl_exact": hpcfl_exact, "hpcfl_f32": hpcfl_f32, "raw_f32": raw_f32, "raw_int64": raw_int64,
-           "pickled": pickled}
+           "pickled": pickled, "pickled_clients": pickled_clients}
     times = np.zeros((len(METHODS), args.repeats + 1))  # column 0: warm-up
     for rep in range(args.repeats + 1):
         # Rotate the order so no method always follows the memory churn of the pickled one.
@@ -259,7 +274,7 @@ def find_mpiexec(given: str | None) -> str:
 
 def launch(args, ranks: int) -> dict:
     cmd = [find_mpiexec(args.mpiexec), "-n", str(ranks), sys.executable, "-m", "benchmarks.comm", "--worker",
-           "--params", str(args.params), "--repeats", str(args.repeats)]
+           "--params", str(args.params), "--repeats", str(args.repeats), "--clients", str(args.clients)]
     # `timeout` sends TERM first: the launcher then ends every rank (a KILL may leave orphans).
     timeout = shutil.which("timeout")
     if timeout:
@@ -354,6 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--params", type=int, default=DEFAULT_PARAMS,
                    help=f"model size in float32 values (default {DEFAULT_PARAMS:,}, ResNet-18)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
+    p.add_argument("--clients", type=int, default=20, help="clients of the naive per-client gather (f) (default 20)")
     p.add_argument("--json", help="also write the results as JSON to this path")
     p.add_argument("--mpiexec", help="launcher (default: the mpiexec beside this Python, else on PATH)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per world size (default 900)")
