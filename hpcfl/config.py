@@ -44,6 +44,7 @@ class RunConfig:
     out: str = _opt("runs/default", doc="run directory (config.toml, run.json, metrics.jsonl, final_model.npy)")
     torch_threads: int = _opt(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
+    checkpoint_every: int = _opt(5, lo=0, doc="checkpoint every m rounds (0: only at the end and on a stop signal)")
     aggregation: str = _opt("exact", choices=("exact", "float32"),
                             doc="'exact': fixed-point sum, equal for any world size; 'float32': half the bytes")
 
@@ -52,6 +53,8 @@ class RunConfig:
 class DataConfig:
     source: str = _opt("builtin", doc="'builtin' (the generated benchmark, built on first use) or a shard directory")
     cache_dir: str = _opt("data", doc="where the built-in benchmark's shards are written")
+    val_fraction: float = _opt(0.0, lo=0.0, hi=0.5, doc="share of each client's shard held out for per-client "
+                                                         "metrics (0: none)")
 
 
 @dataclass
@@ -231,6 +234,23 @@ def from_dict(raw: dict) -> Config:
     cfg = Config(**kwargs)
     _cross_checks(cfg)
     return cfg
+
+
+# Keys that may change between a run and its resumption without changing its numbers.
+RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every")}
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """'section.key: old -> new' for every key that differs, except those a resume may change (and [debug])."""
+    out = []
+    a, b = old.to_dict(), new.to_dict()
+    for sec in a:
+        if sec == "debug":
+            continue
+        for key in a[sec]:
+            if (sec, key) not in RESUME_NEUTRAL and a[sec][key] != b[sec][key]:
+                out.append(f"{sec}.{key}: {a[sec][key]!r} -> {b[sec][key]!r}")
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

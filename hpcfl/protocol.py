@@ -3,22 +3,26 @@
 World size 1: this process is the server and hosts every client. World size W >= 2: rank 0 is the server,
 ranks 1..W-1 host the clients (``comm.my_clients``). Every rank makes the same collective calls in the same order:
 
-    round t:  1. Bcast control [t, action, rho_t]     (server -> all, float64)
-              2. Bcast w^t, one float32 vector        (server -> all)
-              3. statistics at w^t, if the algorithm needs any this round: Reduce of an N x k float64 table
+    before:   Bcast the run mode (fresh / resume / complete), [resume: start round + last weights], Bcast w^start
+    round t:  1. Bcast control [t, rho_t]                        (server -> all, float64)
+              2. statistics at w^t, if the algorithm needs any this round: Reduce of an N x k float64 table
                  (each rank fills its clients' rows, zeros elsewhere)
-              4. local training of each hosted client, from w^t, on its own shard (no communication)
+              3. local training of each hosted client, from w^t, on its own shard (no communication)
                  -> Reduce of an N x 4 table [train loss, steps, max |w_i|, ||w_i - w^t||^2]
-              4b. FedCE only: Bcast of the fixed-point exponent, Reduce + Bcast of the consensus model,
+              3b. FedCE only: Bcast of the fixed-point exponent, Reduce + Bcast of the consensus model,
                  Reduce of an N x 1 table of update cosines
-              5. the server's algorithm turns statistics into a decision: Bcast [a_1..a_N, keep, exponent]
-              6. each client rank sums a_i * w_i over its clients; one Reduce(SUM) -> w^{t+1} = keep w^t + sum
+              4. the server's algorithm turns statistics into a decision: Bcast [a_1..a_N, keep, exponent]
+              5. each client rank sums a_i * w_i over its clients; one Reduce(SUM) -> w^{t+1} = keep w^t + sum
                  (in fixed point by default, so the sum is the same for any grouping: hpcfl/aggregate.py)
-              7. evaluation and metrics on the server every ``eval.every`` rounds
+              6. Bcast w^{t+1}: the next round's model, and the model of the per-client evaluation
+              7. evaluation on evaluated rounds: each client on its held-out part (Reduce N x 2), the server on
+                 every test set
+              8. Bcast [checkpoint?, stop?]; checkpoint: each rank writes its part, the server commits
 
 The server holds one global vector, one accumulator and one model: its memory does not grow with the
 number of clients. Randomness comes from streams keyed by (seed, client, round, purpose), never from the rank
-layout, so single-rank mode and any world size give the same numbers.
+layout, so single-rank mode and any world size give the same numbers, and a resumed run the same as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,43 +31,34 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hpcfl import __version__
+from hpcfl import __version__, checkpoint
 from hpcfl.aggregate import add_fixed_point, fixed_point_exponent, fixed_point_to_float64
 from hpcfl.algorithms import build_algorithm
 from hpcfl.comm import Comm, assign_clients
-from hpcfl.data.shards import client_file, load_manifest, read_checked
+from hpcfl.data.shards import load_manifest, read_checked
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
 from hpcfl.io import atomic_path, write_json, write_text
 from hpcfl.local.stats import StatsContext, measure
-from hpcfl.local.trainer import ClientData, train_client
-from hpcfl.metrics import classification_metrics, predict_proba
+from hpcfl.local.trainer import train_client
+from hpcfl.metrics import classification_metrics, client_summary, gaps, predict_proba
 from hpcfl.models import build_model, input_channels
+from hpcfl.outputs import RunLog, progress_text
+from hpcfl.setup import COMPLETE, FRESH, RESUME, Where, load_client, open_run_dir, pick_device, prepare_data
+from hpcfl.setup import validation_count
 
 log = logging.getLogger("hpcfl")
+progress_log = logging.getLogger("hpcfl.progress")
 
-ACTION_TRAIN, ACTION_STOP = 0, 1
 _PURPOSES = {"init": 0, "train": 1, "stats": 2}
-
-
-@dataclass
-class Where:
-    """Where this rank is, for the message that ends the job when something fails."""
-
-    round: int | None = None
-    client: int | None = None
-    phase: str = "setup"
-
-    def __str__(self):
-        return f"round {self.round if self.round is not None else '-'}, " \
-               f"client {self.client if self.client is not None else '-'}, phase {self.phase}"
+# Set by a signal handler (SLURM's pre-emption warning, SIGTERM): checkpoint after this round and stop.
+stop_requested = False
 
 
 def stream_seed(seed: int, client: int, round_idx: int, purpose: str) -> int:
@@ -74,47 +69,6 @@ def stream_seed(seed: int, client: int, round_idx: int, purpose: str) -> int:
 
 def generator(seed: int, client: int, round_idx: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, client, round_idx, purpose))
-
-
-def pick_device(cfg, comm: Comm) -> torch.device:
-    """Client ranks take GPU ``local_client_rank % gpus``; the server of a multi-rank job stays on the CPU.
-
-    Every rank calls this (the node-local rank is a collective)."""
-    want = cfg.run.device
-    if want == "cpu":
-        return torch.device("cpu")
-    local = comm.local_client_rank()
-    if comm.size > 1 and comm.is_server:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if want == "cuda":
-            raise UsageError("run.device = 'cuda' but no CUDA device is visible on this node")
-        return torch.device("cpu")
-    device = torch.device(f"cuda:{local % torch.cuda.device_count()}")
-    torch.cuda.set_device(device)  # before any other CUDA call of this rank
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the reference
-    return device
-
-
-def prepare_data(cfg, comm: Comm, where: Where) -> Path:
-    """The shard directory; the built-in benchmark is built by the server on first use, the others wait."""
-    where.phase = "data"
-    if cfg.data.source != "builtin":
-        return Path(cfg.data.source)
-    from preprocess.synthetic import builtin_dir, build
-
-    directory = builtin_dir(cfg.data.cache_dir, cfg.benchmark)
-    if comm.is_server and not (directory / "manifest.json").is_file():
-        log.info("building the built-in benchmark in %s", directory)
-        build(directory, cfg.benchmark)
-    comm.barrier()
-    return directory
-
-
-def load_client(directory: Path, manifest: dict, client_id: int) -> ClientData:
-    shard = read_checked(directory, manifest["clients"][client_id], manifest["num_classes"])
-    counts = np.bincount(shard.labels, minlength=manifest["num_classes"])
-    return ClientData(client_id, torch.from_numpy(shard.images), torch.from_numpy(shard.labels), counts)
 
 
 def weighted_sum(comm: Comm, layout: FlatLayout, vectors: dict[int, np.ndarray], weights: np.ndarray,
@@ -130,13 +84,12 @@ def weighted_sum(comm: Comm, layout: FlatLayout, vectors: dict[int, np.ndarray],
         for cid in sorted(vectors):
             acc += np.float32(weights[cid]) * vectors[cid]
     comm.reduce_sum(acc, acc)
-    out = layout.empty()
-    if not comm.is_server:
-        return out
-    total = fixed_point_to_float64(acc, exponent) if exact else acc.astype(np.float64)
-    if keep:
-        total += keep * global_vec.astype(np.float64)
-    out[:] = total
+    out = np.zeros(layout.size, dtype=np.float32)
+    if comm.is_server:
+        total = fixed_point_to_float64(acc, exponent) if exact else acc.astype(np.float64)
+        if keep:
+            total += keep * global_vec.astype(np.float64)
+        out[:] = total
     return out
 
 
@@ -164,30 +117,50 @@ def maybe_fail(cfg, comm: Comm, round_idx: int) -> None:
             raise RuntimeError(f"injected failure (debug.fail_at = {cfg.debug.fail_at!r})")
 
 
-def run(cfg, comm: Comm, out_dir: Path, where: Where) -> dict:
-    """Run the whole federation; returns a summary (on the server; an empty dict elsewhere)."""
+def add_rank_log(out_dir: Path, rank: int) -> None:
+    """Every rank also logs to ``logs/rank_<r>.log`` in the run directory, the rank in each line."""
+    path = out_dir / "logs" / f"rank_{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, force: bool = False) -> dict:
+    """Run (or resume) the whole federation. Returns {"stopped": True} when stopped at a checkpoint on request."""
     t_start = time.time()
     torch.set_num_threads(cfg.run.torch_threads)
+
+    # The run directory: fresh, resumed or already complete. The server decides, everyone follows.
+    where.phase = "setup"
+    mode, ckpt_dir = open_run_dir(cfg, out_dir, overwrite, force) if comm.is_server else (FRESH, None)
+    mode = int(comm.bcast(np.array([mode], dtype=np.int64))[0])
+    if mode == COMPLETE:
+        log.info("%s: this run is already complete (--overwrite to run it again)", out_dir)
+        return {}
+    add_rank_log(out_dir, comm.rank)
     data_dir = prepare_data(cfg, comm, where)
 
     where.phase = "setup"
     manifest = load_manifest(data_dir)
-    sizes = np.array([c["n"] for c in manifest["clients"]], dtype=np.int64)
-    num_clients, num_classes = len(sizes), int(manifest["num_classes"])
-    empty = [c for c in range(num_clients) if sizes[c] == 0]
+    shard_sizes = np.array([c["n"] for c in manifest["clients"]], dtype=np.int64)
+    num_clients, num_classes = len(shard_sizes), int(manifest["num_classes"])
+    empty = [c for c in range(num_clients) if shard_sizes[c] == 0]
     if empty:
         raise UsageError(f"client(s) {empty} of {data_dir} have no training samples: use more samples or fewer "
                          "clients (benchmark.num_train, benchmark.num_clients)")
+    sizes = shard_sizes - np.array([validation_count(n, cfg.data.val_fraction) for n in shard_sizes])
+    corrupted = [c for c, entry in enumerate(manifest["clients"]) if entry.get("corruption")]
     try:
         assignment = assign_clients(sizes, comm.num_client_ranks)
     except ValueError as e:
         raise UsageError(str(e)) from None
     my_clients = comm.my_clients(sizes)
     device = pick_device(cfg, comm)
-    if device.type == "cuda" or comm.is_server:
-        log.log(logging.WARNING if comm.rank else logging.INFO, "rank %d computes on %s", comm.rank, device)
+    log.info("rank %d computes on %s", comm.rank, device)
     data_channels = int(manifest["image_shape"][2])
-    model_channels = input_channels(cfg.model.name, data_channels)
 
     # The initial model w^0 is made on the server from the run seed and broadcast; other ranks' initial values
     # are overwritten by the first broadcast.
@@ -196,50 +169,75 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where) -> dict:
     layout = FlatLayout(model)
     global_vec = layout.to_vector(model) if comm.is_server else layout.empty()
     model.to(device)
-    transform = BatchTransform(model_channels, device)
+    transform = BatchTransform(input_channels(cfg.model.name, data_channels), device)
     algorithm = build_algorithm(cfg)
 
     where.phase = "data"
-    clients = {}
+    clients, val_parts = {}, {}
     for cid in my_clients:
         where.client = cid
-        clients[cid] = load_client(data_dir, manifest, cid)
+        clients[cid], val_parts[cid] = load_client(data_dir, manifest, cid, cfg.data.val_fraction, cfg.run.seed)
     where.client = None
     test_sets = {}
     if comm.is_server:
         for entry in manifest["test_sets"]:
             shard = read_checked(data_dir, entry, num_classes)
             test_sets[entry["name"]] = (torch.from_numpy(shard.images), shard.labels)
-        log.info("world size %d, %d clients, P = %d parameters, data %s", comm.size, num_clients, layout.size,
-                 data_dir)
+
+    # Where to start: round 0, or after the last checkpoint.
+    where.phase = "resume"
+    start, lines = 0, []
+    prev_weights = np.full(num_clients, 1.0 / num_clients)  # a^{t-1} (FedCE's c), known to every rank
+    prev_local: dict[int, np.ndarray] = {}  # w_i^{t-1} of hosted clients, for algorithms that keep it
+    if mode == RESUME:
+        resume = np.zeros(num_clients + 1)
+        if comm.is_server:
+            state = checkpoint.load_state(ckpt_dir)
+            global_vec[:] = checkpoint.load_array(ckpt_dir / "global.npy")
+            algorithm.load_state_dict(state["algorithm"])
+            lines = state["metrics"]
+            resume[0], resume[1:] = state["round"] + 1, state["prev_weights"]
+        comm.bcast(resume)
+        start, prev_weights = int(resume[0]), resume[1:].copy()
+        if algorithm.keeps_local_model:
+            directory = out_dir / f"checkpoint-{start - 1:06d}"
+            prev_local = {cid: checkpoint.load_array(checkpoint.client_path(directory, cid)) for cid in my_clients}
+        log.info("resuming %s after round %d", out_dir, start)
+
+    runlog = None
+    if comm.is_server:
+        write_text(out_dir / "config.toml", cfg.to_toml())
+        info = {"hpcfl_version": __version__, "world_size": comm.size, "data_dir": str(data_dir),
+                "num_clients": num_clients, "num_classes": num_classes, "class_names": manifest["class_names"],
+                "corrupted_clients": corrupted, "test_sets": list(test_sets), "num_parameters": layout.size,
+                "assignment": {str(r + (comm.size > 1)): g for r, g in enumerate(assignment)},
+                "torch_version": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if mode == RESUME:
+            previous = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+            info["started"] = previous.get("started", info["started"])
+            info["resumed"] = previous.get("resumed", []) + [{"round": start, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                              "world_size": comm.size}]
+        write_json(out_dir / "run.json", info)
+        runlog = RunLog(out_dir, lines)
+        log.info("world size %d, %d clients (corrupted: %s), P = %d parameters, data %s", comm.size, num_clients,
+                 corrupted, layout.size, data_dir)
         for r, group in enumerate(assignment):
             log.info("client rank %d hosts clients %s (%d samples)", r + (comm.size > 1), group,
                      int(sizes[group].sum()))
-        write_json(out_dir / "run.json", {
-            "hpcfl_version": __version__, "world_size": comm.size, "data_dir": str(data_dir),
-            "num_clients": num_clients, "num_parameters": layout.size,
-            "assignment": {str(r + (comm.size > 1)): g for r, g in enumerate(assignment)},
-            "torch_version": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
-    metrics_lines: list[str] = []
-    summary: dict = {}
     exact = cfg.run.aggregation == "exact"
     local_optimizer = cfg.local_optimizer()
-    prev_local: dict[int, np.ndarray] = {}  # w_i^{t-1} of hosted clients, for algorithms that need it
-    prev_weights = np.full(num_clients, 1.0 / num_clients)  # a^{t-1} (FedCE's c), known to every rank
-    for t in range(cfg.run.rounds):
+    comm.bcast(global_vec)  # w^start
+    for t in range(start, cfg.run.rounds):
         t_round = time.time()
         where.round, where.client = t, None
 
-        # 1-2. control (round, action, search distance) and the global model
+        # 1. control: the round and its search distance
         where.phase = "broadcast"
-        control = comm.bcast(np.array([t, ACTION_TRAIN, algorithm.rho(t)], dtype=np.float64))
-        if control[1] == ACTION_STOP:
-            break
-        rho = float(control[2])
-        comm.bcast(global_vec)
+        control = comm.bcast(np.array([t, algorithm.rho(t)], dtype=np.float64))
+        rho = float(control[1])
 
-        # 3. statistics at w^t, only those the algorithm asks for this round
+        # 2. statistics at w^t, only those the algorithm asks for this round
         stat_names = algorithm.stats_before(t)
         stats: dict[str, np.ndarray] = {}
         if stat_names:
@@ -255,7 +253,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where) -> dict:
             comm.reduce_sum(table, table)
             stats = {name: table[:, k] for k, name in enumerate(stat_names)}
 
-        # 4. local training, each hosted client from w^t
+        # 3. local training, each hosted client from w^t
         where.phase = "local training"
         trained: dict[int, np.ndarray] = {}
         train_table = np.zeros((num_clients, 4))  # [mean train loss, steps, max |w_i|, ‖w_i − w^t‖² (params)]
@@ -274,14 +272,14 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where) -> dict:
         stats.update(train_loss=train_table[:, 0], steps=train_table[:, 1], update_sq_norm=train_table[:, 3])
         if comm.is_server:
             check_finite(train_table)
-        exponent = fixed_point_exponent(float(train_table[:, 2].max()), num_clients) if comm.is_server else 0
 
-        # 4b. FedCE only: cosine of each update to the consensus of the others (one more P-vector each way)
+        # 3b. FedCE only: cosine of each update to the consensus of the others (one more P-vector each way)
         if algorithm.needs_cosines:
             where.phase = "cosines"
+            exponent = fixed_point_exponent(float(train_table[:, 2].max()), num_clients) if comm.is_server else 0
             exponent = int(comm.bcast(np.array([exponent], dtype=np.int64))[0])
-            consensus = weighted_sum(comm, layout, trained, prev_weights, 0.0, global_vec, exponent, exact)
-            comm.bcast(consensus)
+            consensus = comm.bcast(weighted_sum(comm, layout, trained, prev_weights, 0.0, global_vec, exponent,
+                                                exact))
             table = np.zeros((num_clients, 1))
             for cid in my_clients:
                 table[cid] = update_cosine(trained[cid], global_vec, consensus, prev_weights[cid], layout.param_mask)
@@ -289,7 +287,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where) -> dict:
             stats["cosine"] = table[:, 0]
             del consensus
 
-        # 5. aggregation weights, decided by the server: [a_1..a_N, keep, fixed-point exponent]
+        # 4. aggregation weights, decided by the server: [a_1..a_N, keep, fixed-point exponent]
         where.phase = "weights"
         decision = np.zeros(num_clients + 2)
         if comm.is_server:
@@ -302,49 +300,86 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where) -> dict:
         comm.bcast(decision)
         weights, keep, exponent = decision[:num_clients], float(decision[-2]), int(decision[-1])
 
-        # 6. aggregation: per-rank weighted sum, one Reduce to the server -> w^{t+1}
+        # 5-6. aggregation: per-rank weighted sum, one Reduce to the server; w^{t+1} back to everyone
         where.phase = "aggregation"
-        new_global = weighted_sum(comm, layout, trained, weights, keep, global_vec, exponent, exact)
-        if comm.is_server:
-            global_vec[:] = new_global
+        global_vec = comm.bcast(weighted_sum(comm, layout, trained, weights, keep, global_vec, exponent, exact))
         if algorithm.keeps_local_model:
             prev_local = trained
         prev_weights = weights.copy()
-        del trained, new_global
+        del trained
 
-        # 7. evaluation and metrics (server)
-        if comm.is_server:
+        # 7. evaluation: per client on its held-out part, on the server on every test set
+        if (t + 1) % cfg.eval.every == 0 or t == cfg.run.rounds - 1:
             where.phase = "evaluation"
-            train_loss = float(np.average(train_table[:, 0], weights=np.maximum(train_table[:, 1], 1e-12)))
-            last = t == cfg.run.rounds - 1
-            if (t + 1) % cfg.eval.every == 0 or last:
+            client_table = np.zeros((num_clients, 2))  # [bacc, acc] of w^{t+1} on each held-out part
+            if cfg.data.val_fraction > 0:
+                layout.load_vector(model, global_vec)
+                for cid in my_clients:
+                    m = classification_metrics(val_parts[cid].labels.numpy(), predict_proba(
+                        model, val_parts[cid].images, transform, cfg.eval.batch_size))
+                    client_table[cid] = (m["bacc"], m["acc"])
+                comm.reduce_sum(client_table, client_table)
+            if comm.is_server:
                 layout.load_vector(model, global_vec)
                 results = {name: classification_metrics(labels, predict_proba(model, images, transform,
                                                                               cfg.eval.batch_size))
                            for name, (images, labels) in test_sets.items()}
-                line = {"round": t, "algorithm": cfg.algorithm.name, "metrics": results,
+                line = {"round": t, "algorithm": cfg.algorithm.name, "metrics": results, "gap": gaps(results),
                         "weights": [float(w) for w in weights], "keep": keep, "rho": rho,
                         "stats": {k: [float(x) for x in v] for k, v in stats.items()},
-                        "train_loss": train_loss, "time_s": time.time() - t_round,
-                        "elapsed_s": time.time() - t_start}
-                metrics_lines.append(json.dumps(line))
-                write_text(out_dir / "metrics.jsonl", "\n".join(metrics_lines) + "\n")
-                summary = line
-                shown = "  ".join(f"{name} bacc {m['bacc']:.3f}" for name, m in results.items())
-                log.info("round %d/%d  loss %.4f  %s  (%.1f s)", t + 1, cfg.run.rounds, train_loss, shown,
-                         time.time() - t_round)
-            else:
-                log.info("round %d/%d  loss %.4f  (%.1f s)", t + 1, cfg.run.rounds, train_loss,
-                         time.time() - t_round)
+                        "train_loss": float(np.average(train_table[:, 0], weights=np.maximum(train_table[:, 1],
+                                                                                             1e-12)))}
+                if cfg.data.val_fraction > 0:
+                    line["clients"] = {"bacc": client_table[:, 0].tolist(), "acc": client_table[:, 1].tolist()}
+                    line["client_summary"] = {k: client_summary(client_table[:, j], corrupted)
+                                              for j, k in enumerate(("bacc", "acc"))}
+                line.update(time_s=time.time() - t_round, elapsed_s=time.time() - t_start)
+                runlog.add(line)
+                progress_log.info(progress_text(line, cfg.run.rounds))
+        elif comm.is_server:
+            progress_log.info("round %d/%d  (%.1f s)", t + 1, cfg.run.rounds, time.time() - t_round)
+
+        # 8. checkpoint when due, at the end, or when a stop was requested (then stop)
+        where.phase = "checkpoint"
+        last = t == cfg.run.rounds - 1
+        plan = np.array([0, 0], dtype=np.int64)
+        if comm.is_server:
+            every = cfg.run.checkpoint_every
+            plan[:] = (last or stop_requested or (every > 0 and (t + 1) % every == 0)), (stop_requested and not last)
+        comm.bcast(plan)
+        if plan[0]:
+            save_checkpoint(comm, out_dir, t, cfg, algorithm, prev_weights,
+                            prev_local if algorithm.keeps_local_model else {},
+                            runlog.lines if runlog else [], global_vec)
+        if plan[1]:
+            log.info("stopped after round %d at a checkpoint: run the same command again to resume", t + 1)
+            return {"stopped": True}
 
     where.phase = "finish"
     comm.barrier()
     if comm.is_server:
+        runlog.close()
         info = json.loads((out_dir / "run.json").read_text())
         info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.time() - t_start,
                      "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         write_json(out_dir / "run.json", info)
         with atomic_path(out_dir / "final_model.npy") as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, global_vec)  # a plain array: loads with allow_pickle=False
-    return summary
+                np.save(f, global_vec, allow_pickle=False)
+    return {}
+
+
+def save_checkpoint(comm: Comm, out_dir: Path, t: int, cfg, algorithm, prev_weights: np.ndarray,
+                    prev_local: dict[int, np.ndarray], lines: list[dict], global_vec: np.ndarray) -> None:
+    """Every rank writes its clients' kept models into the staging directory; the server completes it."""
+    if comm.is_server:
+        checkpoint.begin(out_dir, t)
+    comm.barrier()
+    staging = checkpoint.staging_dir(out_dir, t)
+    for cid, vec in prev_local.items():
+        checkpoint.save_array(checkpoint.client_path(staging, cid), vec)
+    comm.barrier()
+    if comm.is_server:
+        checkpoint.commit(out_dir, t, {"config_digest": cfg.digest(), "hpcfl_version": __version__,
+                                       "algorithm": algorithm.state_dict(), "prev_weights": prev_weights.tolist(),
+                                       "metrics": lines}, global_vec)

@@ -3,14 +3,17 @@
 Under ``mpirun -n W`` (W >= 2) rank 0 is the server and ranks 1..W-1 host the clients; without mpirun the one
 process does everything (single-rank mode) and gives the same numbers.
 
-Exit codes: 0 done; 2 bad input (config, data), one message and no traceback; 1 a failure during the run, after
-which every rank is ended (MPI Abort) with a message naming the rank, client, round and phase.
+Running the same command again in the same run directory resumes from the last checkpoint (or says the run is
+complete). Exit codes: 0 done; 2 bad input (config, data, run directory), one message and no traceback; 1 a
+failure during the run, after which every rank is ended (MPI Abort) with a message naming the rank, client, round
+and phase; 3 stopped at a checkpoint on SIGUSR1/SIGTERM (run again to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -27,31 +30,33 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set run.rounds=5")
     p.add_argument("--out", type=Path, default=None, help="run directory (overrides run.out)")
-    p.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run")
+    p.add_argument("--force", action="store_true", help="resume a run whose config differs from the stored one")
     return p.parse_args(argv)
 
 
 def setup_logging(rank: int, size: int) -> None:
+    """Console: rank 0 tells the progress; other ranks only warnings. Each rank's full log also goes to its file
+    in the run directory (protocol.add_rank_log)."""
     fmt = "%(asctime)s [rank %(rank)d] %(message)s" if size > 1 else "%(asctime)s %(message)s"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root = logging.getLogger("hpcfl")
+    for old in root.handlers:
+        old.close()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.setLevel(logging.INFO)
     root.propagate = False
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory (nothing is ever silently lost)."""
-    if (out / "metrics.jsonl").exists() or (out / "run.json").exists():
-        if not overwrite:
-            from hpcfl.errors import UsageError
+def request_stop(signum, frame) -> None:
+    """SLURM's pre-emption warning (``--signal=B:USR1@...``, forwarded by the job script) or SIGTERM: finish the
+    current round, checkpoint, exit with code 3 so that the job script can requeue."""
+    from hpcfl import protocol
 
-            raise UsageError(f"run directory {out} already holds a run: choose another --out, or pass --overwrite")
-        for name in ("metrics.jsonl", "run.json", "final_model.npy"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    protocol.stop_requested = True
 
 
 def main(argv=None) -> int:
@@ -78,15 +83,14 @@ def main(argv=None) -> int:
     out_dir = Path(cfg.run.out)
 
     from hpcfl import protocol
-    from hpcfl.io import write_text
 
     where = protocol.Where()
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     try:
         if comm.is_server:
-            prepare_run_dir(out_dir, args.overwrite)
-            write_text(out_dir / "config.toml", cfg.to_toml())
             log.info("hpcfl: %s, %d rounds, run directory %s", cfg.algorithm.name, cfg.run.rounds, out_dir)
-        protocol.run(cfg, comm, out_dir, where)
+        result = protocol.run(cfg, comm, out_dir, where, overwrite=args.overwrite, force=args.force)
     except UsageError as e:
         if not comm.is_server:
             # Most bad input is seen by every rank alike; give the server time to report it and end the job,
@@ -105,6 +109,8 @@ def main(argv=None) -> int:
         if comm.size > 1:
             comm.abort(1)
         return 1
+    if result.get("stopped"):
+        return 3
     if comm.is_server:
         log.info("done: %s", out_dir)
     return 0

@@ -19,12 +19,27 @@ def test_metrics_against_direct_sklearn_and_by_hand():
     assert m["bacc"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"))
     assert m["auc"] == pytest.approx(roc_auc_score(y, probs.astype(np.float64), multi_class="ovo"))
-    assert list(m) == ["bacc", "auc", "acc", "f1"]
+    assert m["f1_weighted"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    assert m["auc_weighted"] == pytest.approx(roc_auc_score(y, probs.astype(np.float64), multi_class="ovr",
+                                                            average="weighted"))
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]
+    assert list(m)[:4] == ["bacc", "auc", "acc", "f1"]
+
+
+def test_gaps_and_client_summary():
+    from hpcfl.metrics import client_summary, gaps
+
+    res = {"clean": {"bacc": 0.8, "auc": 0.9, "acc": 0.85, "f1": 0.7},
+           "gaussian_3": {"bacc": 0.5, "auc": 0.7, "acc": 0.6, "f1": 0.4}}
+    assert gaps(res) == {"gaussian_3": pytest.approx({"bacc": 0.3, "auc": 0.2, "acc": 0.25, "f1": 0.3})}
+    s = client_summary(np.array([0.9, 0.7, 0.4, 0.2]), corrupted=[2, 3])
+    assert s["worst"] == 0.2 and s["clean_mean"] == pytest.approx(0.8) and s["corrupted_mean"] == pytest.approx(0.3)
+    assert s["std"] == pytest.approx(np.std([0.9, 0.7, 0.4, 0.2]))
 
 
 def test_auc_is_nan_when_a_class_is_missing_from_the_test_set():
     m = classification_metrics(np.array([0, 1, 0]), np.array([[.9, .05, .05], [.1, .8, .1], [.4, .3, .3]]))
-    assert np.isnan(m["auc"]) and m["acc"] == 1.0
+    assert np.isnan(m["auc"]) and np.isnan(m["auc_weighted"]) and m["acc"] == 1.0
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18", "densenet121", "efficientnet_b0"])

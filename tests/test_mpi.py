@@ -38,7 +38,10 @@ def test_same_numbers_single_rank_and_under_mpi(equal_runs):
             assert a["weights"] == pytest.approx(b["weights"], abs=1e-12)
             for test_set in a["metrics"]:
                 for k, v in a["metrics"][test_set].items():
-                    assert b["metrics"][test_set][k] == pytest.approx(v, abs=1e-5, nan_ok=True), (n, test_set, k)
+                    if k == "confusion":
+                        assert b["metrics"][test_set][k] == v
+                    else:
+                        assert b["metrics"][test_set][k] == pytest.approx(v, abs=1e-5, nan_ok=True), (n, test_set, k)
         # the fixed-point aggregation makes the models bitwise equal, not only the metrics
         np.testing.assert_array_equal(final_vector(root / f"n{n}"), final_vector(root / "n1"))
 
@@ -51,12 +54,18 @@ def test_run_directory_contents_and_progress_lines(equal_runs):
     assert set(first) >= {"round", "algorithm", "metrics", "weights", "time_s"}
     assert first["algorithm"] == "fedavg"
     assert set(first["metrics"]) == {"clean", "gaussian_3"}
-    assert set(first["metrics"]["clean"]) == {"bacc", "auc", "acc", "f1"}
+    assert set(first["metrics"]["clean"]) == {"bacc", "auc", "acc", "f1", "f1_weighted", "auc_weighted",
+                                              "confusion"}
+    assert set(first["gap"]) == {"gaussian_3"}
     assert len(first["weights"]) == 20 and sum(first["weights"]) == pytest.approx(1.0)
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 6 and sorted(sum(info["assignment"].values(), [])) == list(range(20))
     assert set(info["assignment"]) == {"1", "2", "3", "4", "5"}
     assert "rounds = 3" in (run / "config.toml").read_text()
+    assert info["corrupted_clients"] == [16, 17, 18, 19] and info["test_sets"] == ["clean", "gaussian_3"]
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("round,algorithm,clean_bacc")
+    assert all((run / "logs" / f"rank_{r}.log").is_file() for r in range(6))
+    assert "[rank 3]" in (run / "logs" / "rank_3.log").read_text()
     progress = [line for line in procs[6].stdout.splitlines() if re.search(r"round \d+/3 ", line)]
     assert len(progress) == 3 and all("[rank 0]" in line for line in progress)  # one line per round, rank 0
 

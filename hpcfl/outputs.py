@@ -1,0 +1,75 @@
+"""What a run writes on the server: metrics.jsonl, metrics.csv, optional TensorBoard events, the progress line.
+
+metrics.jsonl and metrics.csv are rewritten atomically at every evaluated round (a reader never sees half a
+line); TensorBoard's event files are append-only logs, written only when the ``tensorboard`` package is installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+from hpcfl.io import write_text
+
+log = logging.getLogger("hpcfl")
+SCALAR_METRICS = ("bacc", "auc", "acc", "f1", "f1_weighted", "auc_weighted")
+
+
+def flat_row(line: dict) -> dict:
+    """One metrics.jsonl line as a flat CSV row (scalars only; weights and statistics stay in the JSON)."""
+    row = {"round": line["round"], "algorithm": line["algorithm"]}
+    for name, m in line["metrics"].items():
+        row.update({f"{name}_{k}": m[k] for k in SCALAR_METRICS if k in m})
+    for name, g in line.get("gap", {}).items():
+        row.update({f"gap_{name}_{k}": v for k, v in g.items()})
+    for metric, summary in line.get("client_summary", {}).items():
+        row.update({f"clients_{metric}_{k}": v for k, v in summary.items()})
+    row.update({k: line[k] for k in ("train_loss", "rho", "time_s", "elapsed_s") if k in line})
+    return row
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, lines: list[dict] | None = None):
+        self.out_dir = out_dir
+        self.lines: list[dict] = list(lines or [])
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # tensorboard is an optional extra
+            pass
+
+    def add(self, line: dict) -> None:
+        self.lines.append(line)
+        write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in self.lines))
+        rows = [flat_row(x) for x in self.lines]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.out_dir / "metrics.csv", buf.getvalue())
+        if self.tb is not None:
+            for key, value in flat_row(line).items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self.tb.add_scalar(key.replace("_", "/", 1), value, line["round"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress_text(line: dict, rounds: int) -> str:
+    """round, train loss, BACC per test set and the clean-corrupted gap, in one line."""
+    parts = [f"round {line['round'] + 1}/{rounds}", f"loss {line['train_loss']:.4f}"]
+    parts += [f"{name} bacc {m['bacc']:.3f}" for name, m in line["metrics"].items()]
+    parts += [f"gap({name}) {g['bacc']:+.3f}" for name, g in line.get("gap", {}).items()]
+    if "client_summary" in line:
+        parts.append(f"worst client bacc {line['client_summary']['bacc']['worst']:.3f}")
+    return "  ".join(parts) + f"  ({line['time_s']:.1f} s)"
