@@ -44,6 +44,11 @@ class RunConfig:
     out: str = _opt("runs/default", doc="run directory (config.toml, run.json, metrics.jsonl, final_model.npy)")
     torch_threads: int = _opt(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
+    round_timeout_s: float = _opt(0.0, lo=0.0, doc="end the job when one round takes longer (a stuck rank or "
+                                                     "collective); 0: no limit")
+    on_nonfinite: str = _opt("abort", choices=("abort", "skip"),
+                             doc="a client with non-finite parameters, loss or statistics: end the job, or leave the "
+                                 "client out of that round")
     checkpoint_every: int = _opt(5, lo=0, doc="checkpoint every m rounds (0: only at the end and on a stop signal)")
     aggregation: str = _opt("exact", choices=("exact", "float32"),
                             doc="'exact': fixed-point sum, equal for any world size; 'float32': half the bytes")
@@ -130,7 +135,9 @@ class EvalConfig:
 
 @dataclass
 class DebugConfig:
-    fail_at: str = _opt("", doc="'RANK:ROUND' raises an error on that rank in local training of that round (tests)")
+    fail_at: str = _opt("", doc="'RANK:ROUND[:PHASE]' raises an error on that rank in that round and phase (tests)")
+    hang_at: str = _opt("", doc="'RANK:ROUND' makes that rank hang in local training of that round (watchdog tests)")
+    nan_at: str = _opt("", doc="'CLIENT:ROUND' makes that client's trained model NaN in that round (tests)")
 
 
 @dataclass
@@ -206,10 +213,19 @@ def _cross_checks(cfg: Config) -> None:
                           f"(its variants: {', '.join(algo.variants)})")
     if cfg.algorithm.q < 0 and cfg.algorithm.q != -1.0:
         raise ConfigError(f"algorithm.q: {cfg.algorithm.q!r} must be -1 (the method's default) or >= 0")
+    phases = ("data", "broadcast", "statistics", "local training", "cosines", "weights", "aggregation",
+              "evaluation", "checkpoint")
     if cfg.debug.fail_at:
         parts = cfg.debug.fail_at.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ConfigError(f"debug.fail_at: {cfg.debug.fail_at!r} must look like 'RANK:ROUND', e.g. '2:1'")
+        if not (2 <= len(parts) <= 3 and all(p.strip().isdigit() for p in parts[:2])
+                and (len(parts) == 2 or parts[2] in phases)):
+            raise ConfigError(f"debug.fail_at: {cfg.debug.fail_at!r} must look like 'RANK:ROUND' or "
+                              f"'RANK:ROUND:PHASE', PHASE one of {', '.join(phases)}")
+    for key in ("hang_at", "nan_at"):
+        value = getattr(cfg.debug, key)
+        parts = value.split(":")
+        if value and (len(parts) != 2 or not all(p.strip().isdigit() for p in parts)):
+            raise ConfigError(f"debug.{key}: {value!r} must look like 'A:B' (two integers), e.g. '2:1'")
 
 
 def from_dict(raw: dict) -> Config:
@@ -237,7 +253,7 @@ def from_dict(raw: dict) -> Config:
 
 
 # Keys that may change between a run and its resumption without changing its numbers.
-RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every")}
+RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every"), ("run", "round_timeout_s")}
 
 
 def config_differences(old: Config, new: Config) -> list[str]:

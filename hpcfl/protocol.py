@@ -72,16 +72,18 @@ def generator(seed: int, client: int, round_idx: int, purpose: str) -> torch.Gen
 
 
 def weighted_sum(comm: Comm, layout: FlatLayout, vectors: dict[int, np.ndarray], weights: np.ndarray,
-                 keep: float, global_vec: np.ndarray, exponent: int, exact: bool) -> np.ndarray:
+                 keep: float, global_vec: np.ndarray, exponent: int, exact: bool, skip=()) -> np.ndarray:
     """keep·w^t + Σ_i weights_i·vectors_i over every client of every rank: each rank sums its own clients, one
-    Reduce brings the sums to the server. Returns the result on the server (float32), zeros elsewhere."""
+    Reduce brings the sums to the server. Returns the result on the server (float32), zeros elsewhere.
+    Clients in ``skip`` (non-finite models) and clients of weight 0 add nothing."""
+    terms = [cid for cid in sorted(vectors) if cid not in skip and weights[cid] != 0]
     if exact:
         acc = np.zeros(layout.size, dtype=np.int64)
-        for cid in sorted(vectors):
+        for cid in terms:
             add_fixed_point(acc, weights[cid], vectors[cid], exponent)
     else:
         acc = np.zeros(layout.size, dtype=np.float32)
-        for cid in sorted(vectors):
+        for cid in terms:
             acc += np.float32(weights[cid]) * vectors[cid]
     comm.reduce_sum(acc, acc)
     out = np.zeros(layout.size, dtype=np.float32)
@@ -103,18 +105,76 @@ def update_cosine(local: np.ndarray, global_vec: np.ndarray, consensus: np.ndarr
     return float(np.dot(d_i, d_rest) / denom) if denom > 0 else 0.0
 
 
-def check_finite(train_table: np.ndarray) -> None:
-    bad = [c for c in range(len(train_table)) if not np.isfinite(train_table[c]).all()]
-    if bad:
-        raise FloatingPointError(f"client(s) {bad} sent non-finite parameters or training loss")
+def nonfinite_clients(train_table: np.ndarray, stats: dict[str, np.ndarray]) -> list[int]:
+    """Clients whose training row (loss, parameters) or any statistic is NaN or infinite."""
+    bad = ~np.isfinite(train_table).all(axis=1)
+    for values in stats.values():
+        bad |= ~np.isfinite(values)
+    return [int(c) for c in np.flatnonzero(bad)]
 
 
-def maybe_fail(cfg, comm: Comm, round_idx: int) -> None:
-    """``debug.fail_at = 'RANK:ROUND'``: raise on that rank in that round (to test that the job aborts)."""
-    if cfg.debug.fail_at:
-        rank, rnd = (int(x) for x in cfg.debug.fail_at.split(":"))
-        if rank == comm.rank and rnd == round_idx:
-            raise RuntimeError(f"injected failure (debug.fail_at = {cfg.debug.fail_at!r})")
+def leave_out(weights: np.ndarray, bad: list[int]) -> np.ndarray:
+    """The weights without the ``bad`` clients, rescaled to the same total."""
+    out = weights.copy()
+    out[bad] = 0.0
+    if out.sum() <= 0:
+        raise FloatingPointError(f"every client with weight was left out (non-finite: {bad})")
+    return out * (weights.sum() / out.sum())
+
+
+def finite_max(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else 0.0
+
+
+def debug_hooks(cfg, comm: Comm, where: Where):
+    """``enter(phase)``: mark the phase this rank is in, and honour ``debug.fail_at = 'RANK:ROUND[:PHASE]'`` (raise
+    there) and ``debug.hang_at = 'RANK:ROUND'`` (never return from local training there): the tests of fail-fast
+    and of the round watchdog. Without a phase, a client rank fails in local training, a server in weights."""
+    fail = cfg.debug.fail_at.split(":") if cfg.debug.fail_at else None
+    hang = cfg.debug.hang_at.split(":") if cfg.debug.hang_at else None
+
+    def enter(phase: str) -> None:
+        where.phase = phase
+        rnd = where.round if where.round is not None else 0
+        if fail and int(fail[0]) == comm.rank and int(fail[1]) == rnd:
+            wanted = fail[2] if len(fail) > 2 else ("weights" if comm.size > 1 and comm.is_server else "local training")
+            if phase == wanted:
+                raise RuntimeError(f"injected failure (debug.fail_at = {cfg.debug.fail_at!r})")
+        if hang and int(hang[0]) == comm.rank and int(hang[1]) == rnd and phase == "local training":
+            while True:  # a rank that never reaches the next collective
+                time.sleep(1)
+
+    return enter
+
+
+class RoundWatchdog:
+    """Ends the job when a round runs longer than ``run.round_timeout_s`` (a stuck collective, a hung rank)."""
+
+    def __init__(self, timeout_s: float, comm: Comm, where: Where):
+        import threading
+
+        self.timeout_s, self.comm, self.where = timeout_s, comm, where
+        self.round_started = time.time()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        if timeout_s > 0:
+            self.thread.start()
+
+    def new_round(self) -> None:
+        self.round_started = time.time()
+
+    def _watch(self) -> None:
+        while not self.done.wait(1.0):
+            if time.time() - self.round_started > self.timeout_s:
+                import sys
+
+                print(f"hpcfl: rank {self.comm.rank}: round {self.where.round} exceeded run.round_timeout_s = "
+                      f"{self.timeout_s:g} s ({self.where}); ending the job", file=sys.stderr, flush=True)
+                self.comm.abort(1)
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def add_rank_log(out_dir: Path, rank: int) -> None:
@@ -132,6 +192,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     """Run (or resume) the whole federation. Returns {"stopped": True} when stopped at a checkpoint on request."""
     t_start = time.time()
     torch.set_num_threads(cfg.run.torch_threads)
+    enter = debug_hooks(cfg, comm, where)
 
     # The run directory: fresh, resumed or already complete. The server decides, everyone follows.
     where.phase = "setup"
@@ -172,7 +233,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     transform = BatchTransform(input_channels(cfg.model.name, data_channels), device)
     algorithm = build_algorithm(cfg)
 
-    where.phase = "data"
+    enter("data")
     clients, val_parts = {}, {}
     for cid in my_clients:
         where.client = cid
@@ -228,12 +289,14 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     exact = cfg.run.aggregation == "exact"
     local_optimizer = cfg.local_optimizer()
     comm.bcast(global_vec)  # w^start
+    watchdog = RoundWatchdog(cfg.run.round_timeout_s, comm, where)
     for t in range(start, cfg.run.rounds):
         t_round = time.time()
+        watchdog.new_round()
         where.round, where.client = t, None
 
         # 1. control: the round and its search distance
-        where.phase = "broadcast"
+        enter("broadcast")
         control = comm.bcast(np.array([t, algorithm.rho(t)], dtype=np.float64))
         rho = float(control[1])
 
@@ -241,7 +304,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         stat_names = algorithm.stats_before(t)
         stats: dict[str, np.ndarray] = {}
         if stat_names:
-            where.phase = "statistics"
+            enter("statistics")
             table = np.zeros((num_clients, len(stat_names)))
             for cid in my_clients:
                 where.client = cid
@@ -259,27 +322,28 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         train_table = np.zeros((num_clients, 4))  # [mean train loss, steps, max |w_i|, ‖w_i − w^t‖² (params)]
         for cid in my_clients:
             where.client = cid
-            maybe_fail(cfg, comm, t)
+            enter("local training")
             layout.load_vector(model, global_vec)
             torch.manual_seed(stream_seed(cfg.run.seed, cid, t, "train"))  # dropout etc., if a model has it
             loss, steps = train_client(model, clients[cid], cfg.train, transform,
                                        generator(cfg.run.seed, cid, t, "train"), local_optimizer, rho)
             trained[cid] = layout.to_vector(model)
+            if cfg.debug.nan_at == f"{cid}:{t}":
+                trained[cid][0] = np.nan
             update = (trained[cid] - global_vec)[layout.param_mask]
             train_table[cid] = (loss, steps, np.abs(trained[cid]).max(), float(np.dot(update, update)))
         where.client = None
+        local_bad = {cid for cid in my_clients if not np.isfinite(train_table[cid]).all()}
         comm.reduce_sum(train_table, train_table)
         stats.update(train_loss=train_table[:, 0], steps=train_table[:, 1], update_sq_norm=train_table[:, 3])
-        if comm.is_server:
-            check_finite(train_table)
 
         # 3b. FedCE only: cosine of each update to the consensus of the others (one more P-vector each way)
         if algorithm.needs_cosines:
-            where.phase = "cosines"
-            exponent = fixed_point_exponent(float(train_table[:, 2].max()), num_clients) if comm.is_server else 0
+            enter("cosines")
+            exponent = fixed_point_exponent(finite_max(train_table[:, 2]), num_clients) if comm.is_server else 0
             exponent = int(comm.bcast(np.array([exponent], dtype=np.int64))[0])
             consensus = comm.bcast(weighted_sum(comm, layout, trained, prev_weights, 0.0, global_vec, exponent,
-                                                exact))
+                                                exact, skip=local_bad))
             table = np.zeros((num_clients, 1))
             for cid in my_clients:
                 table[cid] = update_cosine(trained[cid], global_vec, consensus, prev_weights[cid], layout.param_mask)
@@ -288,21 +352,29 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
             del consensus
 
         # 4. aggregation weights, decided by the server: [a_1..a_N, keep, fixed-point exponent]
-        where.phase = "weights"
+        enter("weights")
         decision = np.zeros(num_clients + 2)
         if comm.is_server:
-            if not my_clients:  # a server that hosts no client fails here when asked to
-                maybe_fail(cfg, comm, t)
+            bad = nonfinite_clients(train_table, stats)
+            if bad and cfg.run.on_nonfinite == "abort":
+                raise FloatingPointError(f"client(s) {bad} sent non-finite parameters, loss or statistics "
+                                         "(run.on_nonfinite = 'skip' leaves such clients out of the round)")
+            if bad:  # the rule sees a neutral value for them, then they get no weight this round
+                log.warning("round %d: client(s) %s non-finite, left out of this round", t, bad)
+                stats = {k: np.where(np.isfinite(v), v, np.nanmean(np.where(np.isfinite(v), v, np.nan)))
+                         for k, v in stats.items()}
             d = algorithm.aggregate(t, sizes, stats)
-            largest_term = float(train_table[:, 2].max()) * max(1.0, float(np.abs(d.weights).max()))
+            client_weights = leave_out(d.weights, bad) if bad else d.weights
+            largest_term = finite_max(train_table[:, 2]) * max(1.0, float(np.abs(client_weights).max()))
             exponent = fixed_point_exponent(largest_term, num_clients)  # the range must hold every a_i * w_i
-            decision[:num_clients], decision[-2], decision[-1] = d.weights, d.keep, exponent
+            decision[:num_clients], decision[-2], decision[-1] = client_weights, d.keep, exponent
         comm.bcast(decision)
         weights, keep, exponent = decision[:num_clients], float(decision[-2]), int(decision[-1])
 
         # 5-6. aggregation: per-rank weighted sum, one Reduce to the server; w^{t+1} back to everyone
-        where.phase = "aggregation"
-        global_vec = comm.bcast(weighted_sum(comm, layout, trained, weights, keep, global_vec, exponent, exact))
+        enter("aggregation")
+        global_vec = comm.bcast(weighted_sum(comm, layout, trained, weights, keep, global_vec, exponent, exact,
+                                             skip=local_bad))
         if algorithm.keeps_local_model:
             prev_local = trained
         prev_weights = weights.copy()
@@ -310,7 +382,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
 
         # 7. evaluation: per client on its held-out part, on the server on every test set
         if (t + 1) % cfg.eval.every == 0 or t == cfg.run.rounds - 1:
-            where.phase = "evaluation"
+            enter("evaluation")
             client_table = np.zeros((num_clients, 2))  # [bacc, acc] of w^{t+1} on each held-out part
             if cfg.data.val_fraction > 0:
                 layout.load_vector(model, global_vec)
@@ -340,7 +412,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
             progress_log.info("round %d/%d  (%.1f s)", t + 1, cfg.run.rounds, time.time() - t_round)
 
         # 8. checkpoint when due, at the end, or when a stop was requested (then stop)
-        where.phase = "checkpoint"
+        enter("checkpoint")
         last = t == cfg.run.rounds - 1
         plan = np.array([0, 0], dtype=np.int64)
         if comm.is_server:
@@ -352,9 +424,11 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                             prev_local if algorithm.keeps_local_model else {},
                             runlog.lines if runlog else [], global_vec)
         if plan[1]:
+            watchdog.stop()
             log.info("stopped after round %d at a checkpoint: run the same command again to resume", t + 1)
             return {"stopped": True}
 
+    watchdog.stop()
     where.phase = "finish"
     comm.barrier()
     if comm.is_server:

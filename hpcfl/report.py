@@ -1,6 +1,6 @@
 """The paper's table and plots from finished runs (reference §8 and §9, "Expected shape of the tables").
 
-    python -m hpcfl.report RUN_DIR... [--last 5] [--out DIR] [--group-by SECTION.KEY ...]
+    python -m hpcfl.report RUN_DIR... [--last 5] [--out DIR] [--group-by SECTION.KEY ...] [--no-plots]
 
 The runs are grouped into settings (one table each) and, within a setting, into methods (one row each):
 
@@ -236,12 +236,10 @@ def _default_optimizer(name: str) -> str | None:
         return None
 
 
-def _method_order(runs: list[Run]):
-    """Sort key of a method: the order of hpcfl.config.ALGORITHMS (baselines first), then the label."""
-    def key(label: str):
-        name = next(r.get("algorithm.name") for r in runs if method_of(r) == label)
-        return (ALGORITHMS.index(name) if name in ALGORITHMS else len(ALGORITHMS), label)
-    return key
+def method_order(run: Run) -> tuple[int, str]:
+    """Sort key of a run's method: the order of hpcfl.config.ALGORITHMS (baselines first), then the label."""
+    name = run.get("algorithm.name")
+    return ALGORITHMS.index(name) if name in ALGORITHMS else len(ALGORITHMS), method_of(run)
 
 
 def _relevant(run: Run) -> dict[str, Any]:
@@ -317,7 +315,7 @@ def group_runs(runs: list[Run], group_by: list[str], last: int) -> list[Setting]
         setting.methods.setdefault(method_of(run), []).append(run)
     out = list(settings.values())
     for i, setting in enumerate(out, 1):
-        setting.methods = dict(sorted(setting.methods.items(), key=lambda kv: _method_order(runs)(kv[0])))
+        setting.methods = dict(sorted(setting.methods.items(), key=lambda kv: method_order(kv[1][0])))
         setting.name = f"s{i}_" + _slug(setting.text(short=True))
         check_setting(setting, last)
     return out
@@ -325,32 +323,33 @@ def group_runs(runs: list[Run], group_by: list[str], last: int) -> list[Setting]
 
 def check_setting(setting: Setting, last: int) -> None:
     """Refuse what would make a table of mixed runs."""
-    def listing(values):
-        return "; ".join(f"{r.path}: {v}" for r, v in zip(setting.runs, values))
-
-    where = f"setting {setting.text()}"
-    runs = setting.runs
-    if len({r.get("run.rounds") for r in runs}) > 1:
-        raise ReportError(f"runs of one {where} have different numbers of rounds ({listing(r.get('run.rounds') for r in runs)}): "
-                          "report them separately, or add --group-by run.rounds")
-    if len({tuple(r.rounds) for r in runs}) > 1:
-        raise ReportError(f"runs of one {where} were evaluated in different rounds "
-                          f"({listing(len(r.rounds) for r in runs)} evaluated rounds): check eval.every")
-    if len({tuple(r.test_sets) for r in runs}) > 1:
-        raise ReportError(f"runs of one {where} have different test sets "
-                          f"({listing(', '.join(r.test_sets) for r in runs)})")
+    _same(setting, "numbers of rounds", lambda r: r.get("run.rounds"),
+          hint=": report them separately, or add --group-by run.rounds")
+    _same(setting, "evaluated rounds", lambda r: tuple(r.rounds), show=lambda v: f"{len(v)} evaluated rounds",
+          hint=": check eval.every")
+    _same(setting, "test sets", lambda r: tuple(r.test_sets), show=", ".join)
     for method, group in setting.methods.items():
         seen: dict[int, Path] = {}
         for r in group:
             if r.seed in seen:
-                raise ReportError(f"the same seed twice in {method}, {where}: {seen[r.seed]} and {r.path} both have "
-                                  f"run.seed = {r.seed}")
+                raise ReportError(f"the same seed twice in {method}, setting {setting.text()}: {seen[r.seed]} and "
+                                  f"{r.path} both have run.seed = {r.seed}")
             seen[r.seed] = r.path
-    if "clean" not in setting.first.test_sets or len(setting.first.test_sets) < 2:
+    sets = setting.first.test_sets
+    if "clean" not in sets or len(sets) < 2:
         raise ReportError(f"{setting.first.path}: needs a 'clean' and a corrupted test set, has "
-                          f"{', '.join(setting.first.test_sets) or 'none'}")
+                          f"{', '.join(sets) or 'none'}")
     if len(setting.rounds) < last:
-        raise ReportError(f"{where}: only {len(setting.rounds)} evaluated round(s), fewer than --last {last}")
+        raise ReportError(f"setting {setting.text()}: only {len(setting.rounds)} evaluated round(s), fewer than "
+                          f"--last {last}")
+
+
+def _same(setting: Setting, what: str, value, show=str, hint: str = "") -> None:
+    """Refuse runs of one setting whose ``value(run)`` differ."""
+    values = [value(r) for r in setting.runs]
+    if len(set(values)) > 1:
+        listing = "; ".join(f"{r.path}: {show(v)}" for r, v in zip(setting.runs, values))
+        raise ReportError(f"runs of one setting ({setting.text()}) have different {what} ({listing}){hint}")
 
 
 def _slug(text: str, limit: int = 100) -> str:
@@ -400,39 +399,48 @@ def _cell(mean: float, std: float) -> str:
     return "n/a" if not (math.isfinite(mean) and math.isfinite(std)) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _rounds_text(setting: Setting, last: int) -> str:
-    shown = [r + 1 for r in setting.rounds[-last:]]
-    return (f"the last {last} of {len(setting.rounds)} evaluated rounds (round{'s' if last > 1 else ''} "
-            f"{', '.join(map(str, shown))} of {setting.num_rounds})")
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def setting_markdown(index: int, setting: Setting, rows: list[Row], last: int, figures: dict[str, Any]) -> str:
+def _window_text(setting: Setting, rows: list[Row], last: int) -> str:
+    """"2 seeds (0, 1) × the last 5 of 20 evaluated rounds (rounds 16, ..., 20 of 20) = 10 values per cell"."""
+    shown = ", ".join(str(r + 1) for r in setting.rounds[-last:])
+    window = (f"the last {last} of {len(setting.rounds)} evaluated rounds ({'rounds' if last > 1 else 'round'} "
+              f"{shown} of {setting.num_rounds})")
+    if len({tuple(r.seeds) for r in rows}) > 1:
+        return f"the seeds in the Seeds column × {window}"
+    seeds = rows[0].seeds
+    return (f"{_plural(len(seeds), 'seed')} ({', '.join(map(str, seeds))}) × {window} = "
+            f"{len(seeds) * last} values per cell")
+
+
+def setting_markdown(index: int, setting: Setting, rows: list[Row], last: int, figures: dict | None) -> str:
+    """One setting's heading, what its cells are made of, its table and links to its figures."""
     corrupted, why = setting.corrupted_set()
-    seed_sets = {tuple(r.seeds) for r in rows}
-    uniform = len(seed_sets) == 1
-    seeds = (f"{len(rows[0].seeds)} seed{'s' if len(rows[0].seeds) > 1 else ''} ({', '.join(map(str, rows[0].seeds))})"
-             if uniform else "seeds per method in the Seeds column")
-    values = f" = {len(rows[0].seeds) * last} values per cell" if uniform else ""
-    header = ["Method"] + (["Seeds"] if not uniform else []) + [f"{c} {m}" for _, c in COLUMNS for _, m in METRICS]
+    seeds_column = len({tuple(r.seeds) for r in rows}) > 1
+    header = ["Method"] + ["Seeds"] * seeds_column + [f"{c} {m}" for _, c in COLUMNS for _, m in METRICS]
     lines = [f"## Setting {index}: {setting.text()}", "",
-             f"{seeds} × {_rounds_text(setting, last)}{values}. Corrupted test set: `{corrupted}` ({why}).", "",
+             f"{_window_text(setting, rows, last)}. Corrupted test set: `{corrupted}` ({why}).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.method] + ([", ".join(map(str, row.seeds))] if not uniform else [])
+        cells = [row.method] + [", ".join(map(str, row.seeds))] * seeds_column
         cells += [_cell(*row.stats[(c, m)]) for c, _ in COLUMNS for m, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    links = [f"[BACC over rounds]({figures['rounds']})", f"[BACC gap]({figures['gap']})"]
-    links += [f"[weights: {m}]({p})" for m, p in figures["weights"].items()]
-    return "\n".join(lines + ["", "Figures: " + " · ".join(links), ""])
+    if figures:
+        links = [f"[BACC over rounds]({figures['rounds']})", f"[BACC gap]({figures['gap']})"]
+        links += [f"[weights: {m}]({p})" for m, p in figures["weights"].items()]
+        lines += ["", "Figures: " + " · ".join(links)]
+    return "\n".join(lines + [""])
 
 
-def report_markdown(settings: list[Setting], tables: list[list[Row]], last: int, figures: list[dict]) -> str:
+def report_markdown(settings: list[Setting], tables: list[list[Row]], last: int, figures: list) -> str:
     n_runs = sum(len(s.runs) for s in settings)
     intro = ["# Results", "",
-             f"{n_runs} runs in {len(settings)} setting{'s' if len(settings) > 1 else ''}. Each cell: mean ± "
-             f"population std (ddof 0), in %, over the last {last} evaluated rounds × the seeds. BACC: balanced "
-             "accuracy; AUC: macro one-vs-one AUC (the paper's \"AUC\"); Avg = (Clean + Corrupted)/2 and "
-             "Gap = Clean − Corrupted, element-wise before the mean and std.", ""]
+             f"{_plural(n_runs, 'run')} in {_plural(len(settings), 'setting')}. Each cell: mean ± population std "
+             f"(ddof 0), in %, over the last {last} evaluated rounds × the seeds. BACC: balanced accuracy; AUC: "
+             "macro one-vs-one AUC (the paper's \"AUC\"); Avg = (Clean + Corrupted)/2 and Gap = Clean − Corrupted, "
+             "element-wise before the mean and std.", ""]
     parts = [setting_markdown(i, s, rows, last, f)
              for i, (s, rows, f) in enumerate(zip(settings, tables, figures), 1)]
     return "\n".join(intro) + "\n" + "\n".join(parts)
@@ -483,19 +491,23 @@ def _title(text: str, setting: Setting, width: float) -> str:
 
 def plot_rounds(setting: Setting, colors: dict, last: int, path: Path) -> None:
     """Clean and corrupted BACC over the evaluated rounds per method: mean over seeds, shaded ± std."""
+    from matplotlib.ticker import MaxNLocator
+
     corrupted, _ = setting.corrupted_set()
     x = np.asarray(setting.rounds) + 1
     fig = _figure(11, 4.5)
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, (test_set, title) in zip(axes, (("clean", "Clean test set"), (corrupted, f"Corrupted test set ({corrupted})"))):
+    panels = (("clean", "Clean test set"), (corrupted, f"Corrupted test set ({corrupted})"))
+    for ax, (test_set, title) in zip(axes, panels):
         for method, runs in setting.methods.items():
             v = 100 * np.stack([r.values(test_set, "bacc") for r in runs])
             mean, std = v.mean(axis=0), v.std(axis=0)
-            ax.plot(x, mean, color=colors[method], label=f"{method} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
+            ax.plot(x, mean, color=colors[method], label=f"{method} ({_plural(len(runs), 'seed')})",
                     marker="o" if len(x) <= 30 else None, markersize=3)
             ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.2, linewidth=0)
         ax.axvspan(x[-last] - 0.5, x[-1] + 0.5, color="0.9", zorder=0, label=f"table window (last {last})")
         ax.set(title=title, xlabel="round", xlim=(x[0] - 0.5, x[-1] + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("BACC (%)")
     axes[1].legend(loc="best", fontsize="small")
@@ -537,8 +549,7 @@ def plot_weights(setting: Setting, method: str, path: Path) -> bool:
     ax.set(xlabel="round", ylabel=f"client ({marked})")
     bar = fig.colorbar(image, ax=ax, label=f"weight (white = uniform 1/{n_clients})")
     bar.ax.set_ylim(min(float(w.min()), uniform), max(float(w.max()), uniform))  # only the range in use
-    fig.suptitle(_title(f"Aggregation weights: {method}, mean over {len(runs)} seed{'s' if len(runs) > 1 else ''}",
-                        setting, width))
+    fig.suptitle(_title(f"Aggregation weights: {method}, mean over {_plural(len(runs), 'seed')}", setting, width))
     fig.savefig(path, dpi=120)
     return True
 
@@ -552,10 +563,10 @@ def plot_gap(setting: Setting, rows: list[Row], colors: dict, last: int, path: P
     width = max(6.5, 1.1 * len(rows) + 2)
     fig = _figure(width, 4.5)
     ax = fig.subplots()
-    bars = ax.bar(range(len(rows)), mean, yerr=std, capsize=5, color=[colors[m] for m in methods])
-    ax.bar_label(bars, labels=[f"{m:.2f}" for m in mean], padding=3, fontsize="small")
+    ax.bar(range(len(rows)), mean, yerr=std, capsize=5, color=[colors[m] for m in methods])
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), methods, rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
+    ax.set_xticks(range(len(rows)), [f"{m}\n{a:.2f} ± {b:.2f}" for m, a, b in zip(methods, mean, std)],
+                  rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
     ax.set_ylabel(f"clean − {corrupted} BACC (points)")
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(_title(f"BACC gap, mean ± std over the last {last} rounds × seeds", setting, width))
@@ -576,31 +587,36 @@ def write_plots(setting: Setting, rows: list[Row], colors: dict, last: int, out:
 
 # ------------------------------------------------------------------------------------------------------ main
 
-def report(run_dirs: list[Path], out: Path, last: int = 5, group_by: list[str] = ()) -> tuple[str, list[Path]]:
-    """Read, check and group the runs; write report.md, table.csv and the figures. Returns (markdown, files)."""
+def report(run_dirs: list[Path], out: Path, last: int = 5, group_by: list[str] = (),
+           plots: bool = True) -> tuple[str, list[Path]]:
+    """Read, check and group the runs; write report.md, table.csv and (``plots``) the figures.
+
+    Returns the Markdown and the files written."""
     for key in group_by:
         if not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", key):
             raise ReportError(f"--group-by {key!r}: expected section.key, e.g. benchmark.num_corrupted")
     runs = [load_run(Path(p)) for p in run_dirs]
     settings = group_runs(runs, list(group_by), last)
     tables = [table_rows(s, last) for s in settings]
-    out.mkdir(parents=True, exist_ok=True)
-    all_methods = sorted({m for s in settings for m in s.methods}, key=_method_order(runs))
-    colors = _colors(all_methods)
-    figures = [write_plots(s, rows, colors, last, out) for s, rows in zip(settings, tables)]
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot create the output directory ({e})") from None
+    colors = _colors([label for _, label in sorted({method_order(r) for r in runs})])
+    figures = [write_plots(s, rows, colors, last, out) if plots else None for s, rows in zip(settings, tables)]
     markdown = report_markdown(settings, tables, last, figures)
     write_text(out / "report.md", markdown)
     write_text(out / "table.csv", table_csv(settings, tables, last))
     files = [out / "report.md", out / "table.csv"]
-    files += [out / f for fig in figures for f in (fig["rounds"], fig["gap"], *fig["weights"].values())]
+    files += [out / f for fig in figures if fig for f in (fig["rounds"], fig["gap"], *fig["weights"].values())]
     return markdown, files
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None):
@@ -611,13 +627,14 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory (default report/)")
     p.add_argument("--group-by", dest="group_by", action="append", default=[], metavar="SECTION.KEY",
                    help="one more config key of the setting (repeatable)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write the tables only")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        markdown, files = report(args.runs, args.out, args.last, args.group_by)
+        markdown, files = report(args.runs, args.out, args.last, args.group_by, args.plots)
     except UsageError as e:
         print(f"hpcfl.report: error: {e}", file=sys.stderr)
         return 2

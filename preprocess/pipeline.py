@@ -30,17 +30,19 @@ import argparse
 import csv
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,6 +273,21 @@ def decode_chunk(loader, items: Sequence[Item], corruptions: Sequence[Corruption
     return out
 
 
+def init_worker(parent_pid: int) -> None:
+    """In each worker: leave Ctrl-C to the main process (it stops the pool cleanly) and, on Linux, die with the
+    main process, so that a killed run leaves no orphan decoders."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 class Decoder:
     """Decodes items in worker processes, in order, with a bounded number of chunks in flight."""
 
@@ -280,33 +297,39 @@ class Decoder:
 
     def __enter__(self):
         if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers)
+            self.pool = self._new_pool()
         return self
 
     def __exit__(self, *exc):
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, initializer=init_worker, initargs=(os.getpid(),))
+
     def _restart(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = ProcessPoolExecutor(self.workers)
+        self.pool = self._new_pool()
 
     def _submit(self, chunk, corruptions):
         return self.pool.submit(decode_chunk, self.loader, chunk, corruptions, self.seed, self.shape)
 
-    def run(self, items: Sequence[Item], corruptions: Sequence[Corruption | None]) -> Iterator[tuple[Item, object]]:
-        chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Item, object]]:
+        """(item, output images or skip reason) for every item of ``jobs``, in order. Chunks of the next jobs
+        are decoded while the current one is written, so the workers never wait for a job boundary."""
+        tasks = [(job.items[i:i + CHUNK], [o.corruption for o in job.outputs])
+                 for job in jobs for i in range(0, len(job.items), CHUNK)]
         if self.pool is None:
-            for chunk in chunks:
+            for chunk, corruptions in tasks:
                 yield from zip(chunk, decode_chunk(self.loader, chunk, corruptions, self.seed, self.shape))
             return
-        todo = deque(chunks)
+        todo = deque(tasks)
         pending: deque = deque()
         while todo or pending:
             while todo and len(pending) < 2 * self.workers:
-                chunk = todo.popleft()
-                pending.append((chunk, self._submit(chunk, corruptions)))
-            chunk, future = pending.popleft()
+                task = todo.popleft()
+                pending.append((task, self._submit(*task)))
+            (chunk, corruptions), future = pending.popleft()
             try:
                 results = future.result()
             except BrokenProcessPool:
@@ -314,7 +337,7 @@ class Decoder:
                 # item at a time, then send the chunks that were in flight again.
                 self._restart()
                 results = self._one_by_one(chunk, corruptions)
-                todo.extendleft(reversed([c for c, _ in pending]))
+                todo.extendleft(reversed([task for task, _ in pending]))
                 pending.clear()
             yield from zip(chunk, results)
 
@@ -332,7 +355,7 @@ class Decoder:
 # ---------------------------------------------------------------------------------------------- progress bar
 
 class _Counter:
-    """Fallback progress report on stderr when tqdm is absent: a line every 10 s and at the end."""
+    """Progress lines on stderr without tqdm or a terminal: one every 10 s and one at the end."""
 
     def __init__(self, total: int, desc: str):
         self.total, self.desc, self.n = total, desc, 0
@@ -355,26 +378,28 @@ class _Counter:
 
 
 def progress_bar(total: int, desc: str):
+    """tqdm's bar on a terminal; otherwise (no tqdm, or a batch job's log file) a line every 10 s."""
     try:
         from tqdm import tqdm
     except ImportError:
         return _Counter(total, desc)
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)  # None: off if not a tty
+    if not sys.stderr.isatty():
+        return _Counter(total, desc)
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def write_job(job: Job, decoder: Decoder, out_dir: Path, shape, compression, num_classes: int, bar) -> dict:
-    """Decode a job's items and write its shards (temporary files renamed at the end); returns its progress
-    entry."""
+def write_job(job: Job, decoded: Iterator, out_dir: Path, shape, compression, num_classes: int, bar) -> dict:
+    """Write a job's shards from the next ``len(job.items)`` decoded items (temporary files renamed at the end);
+    returns its progress entry."""
     labels, ids, skipped = [], [], []
-    corruptions = [o.corruption for o in job.outputs]
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(out_dir / o.file)) for o in job.outputs]
         files = [stack.enter_context(h5py.File(t, "w")) for t in tmps]  # closed before the renames (LIFO)
         images = [f.create_dataset("images", shape=(len(job.items), *shape), maxshape=(None, *shape),
                                    dtype=np.uint8, chunks=(1, *shape), compression=compression) for f in files]
-        for item, result in decoder.run(job.items, corruptions):
+        for item, result in itertools.islice(decoded, len(job.items)):
             bar.update(1)
             if isinstance(result, str):
                 skipped.append((item.id, job.where, result))
@@ -407,14 +432,14 @@ def prepare_out_dir(out_dir: Path) -> dict:
     if out_dir.exists() and not out_dir.is_dir():
         raise PipelineError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run (atomic_path removes them otherwise)
+        if re.fullmatch(r"\..+\.tmp-\d+", stale.name):
+            stale.unlink()
     progress_path = out_dir / PROGRESS
     if not progress_path.is_file():
         if any(out_dir.iterdir()):
             raise PipelineError(f"{out_dir}: not empty and holds no {PROGRESS}; choose a new or empty directory")
         return {}
-    for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run
-        if re.fullmatch(r"\..+\.tmp-\d+", stale.name):
-            stale.unlink()
     try:
         progress = json.loads(progress_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -440,13 +465,16 @@ def write_shards(plan: Plan, out_dir: str | Path, workers: int = 1) -> Result:
     todo = [job for job in jobs if job.key not in keep]
     if todo and (out_dir / MANIFEST).exists():
         (out_dir / MANIFEST).unlink()  # the directory must not look complete while shards change
+    write_json(out_dir / PROGRESS, {"format": PROGRESS_FORMAT, "jobs": progress})  # marks the directory as ours
 
     limit = stop_after()
     bar = progress_bar(sum(len(j.items) for j in todo), f"{plan.dataset} -> {out_dir.name}")
     try:
-        with Decoder(plan.loader, plan.image_shape, plan.corruption_seed, workers) as decoder:
+        with ExitStack() as stack:
+            decoder = stack.enter_context(Decoder(plan.loader, plan.image_shape, plan.corruption_seed, workers))
+            decoded = stack.enter_context(closing(decoder.run(todo)))
             for count, job in enumerate(todo, 1):
-                entry = write_job(job, decoder, out_dir, plan.image_shape, plan.compression,
+                entry = write_job(job, decoded, out_dir, plan.image_shape, plan.compression,
                                   len(plan.class_names), bar)
                 progress[job.key] = {"fingerprint": fingerprints[job.key], **entry}
                 write_json(out_dir / PROGRESS, {"format": PROGRESS_FORMAT, "jobs": progress})
@@ -685,5 +713,8 @@ def run_cli(module: str, argv: Sequence[str] | None, parser: argparse.ArgumentPa
     except (PipelineError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     print(summary(result))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -216,6 +217,21 @@ def test_official_partition_indexes_rows_and_keeps_rows_without_files(rsna, tmp_
     owner = next(c for c, p in enumerate(parts) if gone_row in p)
     assert (out / SKIPPED).read_text().splitlines()[1:] == [
         f"ID_gone00000,client_{owner:03d},label without image: no DICOM file"]
+
+
+def test_flat_folder_and_limit(rsna, tmp_path):
+    root, info = rsna
+    flat = tmp_path / "flat"
+    shutil.copytree(root / "stage_2_train", flat)
+    shutil.copy(root / "stage_2_train.csv", flat / "stage_2_train.csv")
+    out = tmp_path / "out"
+    assert main([str(flat), str(out), "--limit", "20", "--clients", "2", "--corrupted", "0", "--size", "16",
+                 "--test-severities", "--workers", "1"]) == 0
+    m = load_manifest(out)
+    rows = (out / "train.csv").read_text().splitlines()[1:] + (out / "test.csv").read_text().splitlines()[1:]
+    eligible = sorted(set(info["good"]) | set(info["broken"]) - {"ID_nofile000", "ID_nolabel00", "ID_conflict0"})
+    assert sorted(r.split(",")[0] for r in rows) == eligible[:20]  # the first 20 labelled images, by id
+    assert [c["corruption"] for c in m["clients"]] == [None, None] and [t["name"] for t in m["test_sets"]] == ["clean"]
 
 
 def test_cli_errors_are_one_line_with_exit_2(rsna, tmp_path, capsys):

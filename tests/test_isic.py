@@ -113,7 +113,8 @@ def test_dirichlet_partition_and_same_bytes_twice(isic, tmp_path):
     assert main([str(root), str(tmp_path / "a"), *args, "--workers", "2"]) == 0
     assert main([str(root), str(tmp_path / "b"), *args, "--workers", "1"]) == 0
     ma, mb = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
-    assert [c["sha256"] for c in ma["clients"] + ma["test_sets"]] == [c["sha256"] for c in mb["clients"] + mb["test_sets"]]
+    assert [e["sha256"] for e in ma["clients"] + ma["test_sets"]] == \
+        [e["sha256"] for e in mb["clients"] + mb["test_sets"]]
     found = contents(tmp_path / "a", ma)
     assert {i: label for i, (label, _) in found.items()} == info["good"]  # lesion_id does not matter here
     assert set(skipped(tmp_path / "a")) == set(info["broken"])

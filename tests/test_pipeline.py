@@ -146,6 +146,14 @@ def test_interrupted_run_resumes_with_only_the_missing_shards(written, tmp_path,
     assert read_shard(out / "client_003.h5").attrs["corruption"] == {"kind": "gaussian", "severity": 4}
 
 
+def test_a_run_killed_in_its_first_shard_can_be_rerun(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".client_000.h5.tmp-4242").write_bytes(b"half a shard")  # SIGKILL leaves such a file
+    write_shards(toy_plan(), out, workers=1)
+    assert not list(out.glob(".*"))
+
+
 def test_refuses_foreign_directories_and_bad_plans(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")

@@ -82,7 +82,7 @@ def refused(capsys, argv) -> str:
 
 def test_mean_and_population_std_over_last_rounds_and_seeds(tmp_path):
     runs = two_methods(tmp_path / "runs")
-    report(runs, tmp_path / "out")
+    report(runs, tmp_path / "out", plots=False)
     rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "table.csv")}
     assert list(rows) == ["fedavg", "fedism"]
     row = rows["fedism"]
@@ -99,7 +99,7 @@ def test_mean_and_population_std_over_last_rounds_and_seeds(tmp_path):
 
 
 def test_avg_and_gap_are_element_wise(tmp_path):
-    report(two_methods(tmp_path / "runs"), tmp_path / "out")
+    report(two_methods(tmp_path / "runs"), tmp_path / "out", plots=False)
     row = read_csv(tmp_path / "out" / "table.csv")[0]
     clean = np.array(CLEAN[0][2:] + CLEAN[1][2:])
     corr = np.array(CORRUPTED[0][2:] + CORRUPTED[1][2:])
@@ -117,7 +117,7 @@ def test_avg_and_gap_are_element_wise(tmp_path):
 
 def test_last_window_option(tmp_path):
     runs = two_methods(tmp_path / "runs")
-    report(runs, tmp_path / "out", last=2)
+    report(runs, tmp_path / "out", last=2, plots=False)
     row = read_csv(tmp_path / "out" / "table.csv")[0]
     values = np.array([0.8, 0.9, 0.9, 1.0])
     assert float(row["clean_bacc_mean"]) == pytest.approx(100 * values.mean(), abs=1e-6)
@@ -127,7 +127,7 @@ def test_last_window_option(tmp_path):
 
 def test_markdown_table_and_stdout(tmp_path, capsys):
     runs = two_methods(tmp_path / "runs")
-    assert main([*map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    assert main([*map(str, runs), "--no-plots", "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     md = (tmp_path / "out" / "report.md").read_text()
     assert printed == md
@@ -141,9 +141,17 @@ def test_markdown_table_and_stdout(tmp_path, capsys):
     assert md.index("| fedavg |") < md.index("| fedism |")
 
 
+def test_methods_with_different_seeds_get_a_seeds_column(tmp_path):
+    runs = [*two_methods(tmp_path / "runs"), make_run(tmp_path / "runs", "fedism-s2", algorithm="fedism", seed=2)]
+    markdown, _ = report(runs, tmp_path / "out", plots=False)
+    assert "the seeds in the Seeds column × the last 5 of 7 evaluated rounds" in markdown
+    assert "| Method | Seeds | Clean BACC |" in markdown
+    assert "| fedavg | 0, 1 | 75.00 ± 15.00 |" in markdown and "| fedism | 0, 1, 2 |" in markdown
+
+
 def test_nan_auc_is_shown_as_na(tmp_path):
     runs = [make_run(tmp_path, f"s{s}", seed=s, clean=[float("nan")] * 7) for s in (0, 1)]
-    markdown, _ = report(runs, tmp_path / "out")
+    markdown, _ = report(runs, tmp_path / "out", plots=False)
     assert "| fedavg | n/a | n/a |" in markdown
 
 
@@ -162,7 +170,7 @@ def test_methods_and_settings(tmp_path):
                                  config={"benchmark.num_corrupted": nc, "train.local_optimizer": "sam"}))
             runs.append(make_run(tmp_path, f"gsam-c{nc}-s{seed}", algorithm="fedism", seed=seed + 10,
                                  config={"benchmark.num_corrupted": nc, "train.local_optimizer": "gsam"}))
-    report(runs, tmp_path / "out")
+    report(runs, tmp_path / "out", plots=False)
     rows = read_csv(tmp_path / "out" / "table.csv")
     assert [(r["setting"], r["benchmark.num_corrupted"], r["method"]) for r in rows] == [
         (s, nc, m) for s, nc in (("1", "1"), ("2", "2"))
@@ -174,7 +182,7 @@ def test_methods_and_settings(tmp_path):
 
 def test_differing_key_and_group_by_name_the_setting(tmp_path):
     runs = [make_run(tmp_path, f"lr{lr}-s{s}", seed=s, config={"train.lr": lr}) for lr in (0.001, 0.01) for s in (0, 1)]
-    markdown, _ = report(runs, tmp_path / "out", group_by=["model.width"])
+    markdown, _ = report(runs, tmp_path / "out", group_by=["model.width"], plots=False)
     assert markdown.count("## Setting") == 2
     assert "benchmark.severity=3, train.lr=0.001, model.width=32\n" in markdown
     assert "## Setting 2: " in markdown and "train.lr=0.01, model.width=32" in markdown
@@ -185,13 +193,13 @@ def test_differing_key_and_group_by_name_the_setting(tmp_path):
 def test_group_by_rounds_separates_what_would_be_refused(tmp_path):
     runs = [make_run(tmp_path, "a", rounds=7), make_run(tmp_path, "b", rounds=6, clean=CLEAN[0][1:],
                                                        corrupted=CORRUPTED[0][1:])]
-    markdown, _ = report(runs, tmp_path / "out", group_by=["run.rounds"])
+    markdown, _ = report(runs, tmp_path / "out", group_by=["run.rounds"], plots=False)
     assert markdown.count("## Setting") == 2
 
 
 def test_corrupted_set_falls_back_to_first_non_clean(tmp_path):
     runs = [make_run(tmp_path, f"s{s}", seed=s, test_sets=("clean", "blur_2", "noise_4")) for s in (0, 1)]
-    markdown, _ = report(runs, tmp_path / "out")
+    markdown, _ = report(runs, tmp_path / "out", plots=False)
     assert "Corrupted test set: `blur_2` (the first non-clean test set; no test set matches the training " \
            "corruption)" in markdown
 
@@ -273,7 +281,7 @@ def test_refuses_the_same_seed_twice(tmp_path, capsys):
 def test_refuses_fewer_rounds_than_last(tmp_path, capsys):
     run = make_run(tmp_path, "a", rounds=3, clean=[0.5] * 3, corrupted=[0.4] * 3)
     assert "only 3 evaluated round(s), fewer than --last 5" in refused(capsys, [run])
-    assert main([str(run), "--last", "3", "--out", str(tmp_path / "out")]) == 0
+    assert main([str(run), "--last", "3", "--no-plots", "--out", str(tmp_path / "out")]) == 0
 
 
 def test_refuses_bad_group_by_and_missing_clean_set(tmp_path, capsys):
@@ -287,7 +295,7 @@ def test_refuses_bad_group_by_and_missing_clean_set(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------- the files
 
 def test_csv_content(tmp_path):
-    report(two_methods(tmp_path / "runs"), tmp_path / "out")
+    report(two_methods(tmp_path / "runs"), tmp_path / "out", plots=False)
     rows = read_csv(tmp_path / "out" / "table.csv")
     stats = [f"{c}_{m}_{s}" for c in ("clean", "corrupted", "avg", "gap") for m in ("bacc", "auc")
              for s in ("mean", "std")]
@@ -319,38 +327,34 @@ def test_the_three_kinds_of_png(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- real runs
 
-def test_report_on_real_runs(tmp_path):
-    """python -m hpcfl.run twice per method (2 seeds) on a tiny benchmark, then python -m hpcfl.report."""
+def test_report_on_real_runs(tmp_path, capsys):
+    """python -m hpcfl.run for 2 methods x 2 seeds on a tiny benchmark, two runs at a time, then the report."""
     tiny = ["run.rounds=5", "benchmark.num_train=200", "benchmark.num_test=100", "benchmark.image_size=16",
-            "model.width=4", f"data.cache_dir={tmp_path / 'data'}"]
+            "model.width=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def run(alg, seed):
-        args = [f"--set={s}" for s in tiny + [f"algorithm.name={alg}", f"run.seed={seed}"]]
-        return subprocess.run([sys.executable, "-m", "hpcfl.run", *args, "--out", str(tmp_path / f"{alg}-s{seed}")],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    def start(alg, seed):  # one benchmark cache per method: never two processes building the same one
+        args = [f"--set={s}" for s in [*tiny, f"algorithm.name={alg}", f"run.seed={seed}",
+                                       f"data.cache_dir={tmp_path / ('data-' + alg)}"]]
+        return subprocess.Popen([sys.executable, "-m", "hpcfl.run", *args, "--out", str(tmp_path / f"{alg}-s{seed}")],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    first = run("fedavg", 0)  # builds the benchmark once; the other three then run side by side
-    assert first.returncode == 0, first.stdout + first.stderr
-    procs = [subprocess.Popen([sys.executable, "-m", "hpcfl.run",
-                               *[f"--set={s}" for s in tiny + [f"algorithm.name={alg}", f"run.seed={seed}"]],
-                               "--out", str(tmp_path / f"{alg}-s{seed}")],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for alg, seed in (("fedavg", 1), ("fedism", 0), ("fedism", 1))]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out
-    dirs = [str(tmp_path / f"{alg}-s{seed}") for alg in ("fedavg", "fedism") for seed in (0, 1)]
-    res = subprocess.run([sys.executable, "-m", "hpcfl.report", *dirs, "--out", str(tmp_path / "report")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "2 seeds (0, 1) × the last 5 of 5 evaluated rounds" in res.stdout
-    assert "| fedavg |" in res.stdout and "| fedism |" in res.stdout
+    for seed in (0, 1):
+        procs = [start(alg, seed) for alg in ("fedavg", "fedism")]
+        for p in procs:
+            out, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, out
+    dirs = [str(tmp_path / f"{alg}-s{seed}") for alg in ("fedism", "fedavg") for seed in (0, 1)]
+    assert main([*dirs, "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "## Setting 1: data.source=builtin, benchmark.num_corrupted=4" in printed  # cache dirs split nothing
+    assert "2 seeds (0, 1) × the last 5 of 5 evaluated rounds" in printed
+    assert printed.index("| fedavg |") < printed.index("| fedism |")
     rows = read_csv(tmp_path / "report" / "table.csv")
     assert [r["method"] for r in rows] == ["fedavg", "fedism"]
     assert all(0 <= float(r["clean_bacc_mean"]) <= 100 for r in rows)
     assert len(list((tmp_path / "report").glob("*.png"))) == 4
     # a refusal through the command line: one message, exit code 2, no traceback
-    res = subprocess.run([sys.executable, "-m", "hpcfl.report", dirs[0], str(tmp_path / "data")],
+    res = subprocess.run([sys.executable, "-m", "hpcfl.report", dirs[0], str(tmp_path / "data-fedavg")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "is not a run directory" in res.stderr and "Traceback" not in res.stderr

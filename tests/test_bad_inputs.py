@@ -1,0 +1,449 @@
+"""Bad input, table-driven: every case must end with exit code 2 and one clear ``hpcfl: error...: ...`` line.
+
+Each case is (name, how its input is made in ``tmp_path``, the CLI arguments, the exit code, a substring the one
+error message must contain). For every case the test asserts: that exit code; exactly one line containing
+"hpcfl: error"; the substring in that line; no "Traceback"; nothing half-written (no run directory at all for a
+config error, no run files for a data error, an existing run directory left as it was for a checkpoint/resume
+error, no ``.tmp`` file anywhere in ``tmp_path`` or the data cache).
+
+Kinds of case:
+
+- ``config``: refused while the config is read, before anything is created. A tripwire
+  ``data.source=<missing directory>`` is added, so that a check that lets the value through fails fast with a
+  different message instead of building the benchmark and training.
+- ``data``: a shard directory made here with ``hpcfl.data.shards.write_shard`` (4 clients of 6 images, 16x16
+  grayscale, 2 classes; ``test_the_handmade_shard_directory_runs`` shows that the unmodified one runs), then
+  broken in one way.
+- ``resume``: a copy of one real tiny run (``finished_run``, made once per module), then broken in one way.
+
+Bad config files live in ``tests/bad_inputs/``; binary inputs (HDF5, npy) are generated at test time.
+A case marked ``xfail(strict=True)`` behaves wrongly today; its reason says what happens now.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcfl.data.shards import MANIFEST, client_file, sha256_of, test_file, write_manifest, write_shard
+from tests.conftest import REPO, TINY, launch, sets
+
+BAD = Path(__file__).parent / "bad_inputs"
+# What a run directory holds once a run has really started (hpcfl/setup.py RUN_FILES); logs/ may exist earlier.
+RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "metrics.csv", "final_model.npy", "checkpoint.json")
+
+
+# ------------------------------------------------------------------------------------------ input builders
+
+def make_shards(directory: Path, num_clients: int = 4, n: int = 6, size: int = 16, channels: int = 1,
+                num_classes: int = 2) -> Path:
+    """A small valid shard directory, as preprocess/synthetic.py would write it."""
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"class{k}" for k in range(num_classes)]
+
+    def shard(path, count, attrs):
+        labels = np.arange(count) % num_classes
+        images = rng.integers(0, 256, size=(count, size, size, channels), dtype=np.uint8)
+        sha = write_shard(path, images, labels, [f"img{j}" for j in range(count)],
+                          {"dataset": "handmade", "class_names": names, **attrs})
+        return labels, sha
+
+    clients = []
+    for cid in range(num_clients):
+        labels, sha = shard(directory / client_file(cid), n, {"client_id": cid, "corruption": None})
+        clients.append({"file": client_file(cid), "n": n, "corruption": None,
+                        "class_counts": np.bincount(labels, minlength=num_classes).tolist(), "sha256": sha})
+    _, sha = shard(directory / test_file("clean"), 8, {"test_set": "clean", "corruption": None})
+    write_manifest(directory, {
+        "dataset": "handmade", "num_classes": num_classes, "class_names": names,
+        "image_shape": [size, size, channels], "clients": clients,
+        "test_sets": [{"name": "clean", "file": test_file("clean"), "n": 8, "corruption": None, "sha256": sha}],
+    })
+    return directory
+
+
+def edit_manifest(directory: Path, edit: Callable[[dict], None]) -> None:
+    path = directory / MANIFEST
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m, indent=2))
+
+
+def set_client_entry(directory: Path, cid: int, **changes) -> None:
+    edit_manifest(directory, lambda m: m["clients"][cid].update(changes))
+
+
+class RunsArbitraryCode:
+    """Unpickling this creates the file ``path``: a checkpoint must never be unpickled."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class Ctx:
+    """What a case's setup may use; ``out`` is the run directory every case passes with --out."""
+
+    def __init__(self, tmp_path: Path, data_cache: Path, request):
+        self.tmp, self.cache, self._request = tmp_path, data_cache, request
+        self.out = tmp_path / "run"
+
+    def base(self) -> list[str]:
+        """The TINY settings on the session cache: exactly the config of ``finished_run``."""
+        return [*TINY, f"data.cache_dir={self.cache}"]
+
+    def config_args(self, *pairs: str) -> list[str]:
+        return sets(*self.base(), f"data.source={self.tmp / 'tripwire-no-data'}", *pairs)
+
+    def shards(self, **kw) -> Path:
+        return make_shards(self.tmp / "shards", **kw)
+
+    def data_args(self, shard_dir: Path, *pairs: str) -> list[str]:
+        return sets(*self.base(), f"data.source={shard_dir}", "run.rounds=1", *pairs)
+
+    def copy_run(self, finished: bool = True, to: Path | None = None) -> Path:
+        """A copy of the real tiny run; ``finished=False`` makes it look interrupted after its last checkpoint."""
+        to = to or self.out
+        shutil.copytree(self._request.getfixturevalue("finished_run"), to)
+        if not finished:
+            info = json.loads((to / "run.json").read_text())
+            for key in ("finished", "wall_s", "server_peak_rss_mb"):
+                info.pop(key, None)
+            (to / "run.json").write_text(json.dumps(info, indent=2))
+        return to
+
+    def checkpoint_dir(self, run_dir: Path | None = None) -> Path:
+        run_dir = run_dir or self.out
+        return run_dir / json.loads((run_dir / "checkpoint.json").read_text())["dir"]
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # "config" | "data" | "resume"
+    setup: Callable[[Ctx], list[str]]  # makes the input, returns the CLI arguments (without --out)
+    expect: str  # a substring of the one "hpcfl: error" line
+    code: int = 2
+    nprocs: int = 1
+    xfail: str | None = None  # what happens today, when it is wrong
+    check: Callable[[Ctx], None] | None = None  # a further assertion after the run
+
+
+def _config_file(name: str, *pairs: str):
+    return lambda c: ["--config", str(BAD / name), *c.config_args(*pairs)]
+
+
+def _set(*pairs: str):
+    return lambda c: c.config_args(*pairs)
+
+
+# --- data cases
+
+
+def _missing_source(c):
+    return c.data_args(Path("/nonexistent"))
+
+
+def _no_manifest(c):
+    d = c.shards()
+    (d / MANIFEST).unlink()
+    return c.data_args(d)
+
+
+def _manifest_not_json(c):
+    d = c.shards()
+    (d / MANIFEST).write_text('{"schema": 1, "clients": [')
+    return c.data_args(d)
+
+
+def _manifest_schema(c):
+    d = c.shards()
+    edit_manifest(d, lambda m: m.update(schema=2))
+    return c.data_args(d)
+
+
+def _manifest_lacks_key(c):
+    d = c.shards()
+    edit_manifest(d, lambda m: m.pop("clients"))
+    return c.data_args(d)
+
+
+def _shard_missing(c):
+    d = c.shards()
+    (d / client_file(2)).unlink()
+    return c.data_args(d)
+
+
+def _shard_truncated(c):
+    d = c.shards()
+    p = d / client_file(1)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    return c.data_args(d)
+
+
+def _shard_not_hdf5_no_sha(c):
+    d = c.shards()
+    (d / client_file(1)).write_bytes(b"this is not an HDF5 file\n" * 10)
+    edit_manifest(d, lambda m: m["clients"][1].pop("sha256"))
+    return c.data_args(d)
+
+
+def _labels_out_of_range(c):
+    d = c.shards()
+    images = np.zeros((6, 16, 16, 1), dtype=np.uint8)
+    sha = write_shard(d / client_file(0), images, np.array([0, 1, 2, 3, 4, 1]), [f"x{j}" for j in range(6)], {})
+    set_client_entry(d, 0, sha256=sha)  # a consistent file: only its labels are wrong (num_classes is 2)
+    return c.data_args(d)
+
+
+def _n_mismatch(c):
+    d = c.shards()
+    set_client_entry(d, 1, n=7)
+    return c.data_args(d)
+
+
+def _client_without_samples(c):
+    d = c.shards()
+    sha = write_shard(d / client_file(3), np.zeros((0, 16, 16, 1), dtype=np.uint8), np.zeros(0, np.int64), [], {})
+    set_client_entry(d, 3, n=0, sha256=sha, class_counts=[0, 0])
+    return c.data_args(d)
+
+
+def _float_images(c):
+    d = c.shards()
+    p = d / client_file(0)
+    p.unlink()
+    with h5py.File(p, "w") as f:  # no NaN, right shape, but float32 in [0, 1] instead of uint8 in [0, 255]
+        f.create_dataset("images", data=np.random.default_rng(1).random((6, 16, 16, 1), dtype=np.float32))
+        f.create_dataset("labels", data=np.arange(6, dtype=np.int64) % 2)
+        f.create_dataset("ids", data=np.asarray([f"f{j}" for j in range(6)], dtype=object),
+                         dtype=h5py.string_dtype())
+    set_client_entry(d, 0, sha256=sha256_of(p))
+    return c.data_args(d)
+
+
+def _image_shape_mismatch(c):
+    d = c.shards(channels=3)  # RGB shards ...
+    edit_manifest(d, lambda m: m.update(image_shape=[16, 16, 1]))  # ... that the manifest calls grayscale
+    return c.data_args(d)
+
+
+def _pretrained_missing(c):
+    return c.data_args(c.shards(), "model.name=resnet18", f"model.pretrained_path={c.tmp / 'imagenet.pt'}")
+
+
+def _more_ranks_than_clients(c):
+    return c.data_args(c.shards(num_clients=4))  # launched with 6 ranks: 5 client ranks
+
+
+# --- resume cases (a copy of the real tiny run)
+
+
+def _changed_config(c):
+    c.copy_run()
+    return sets(*c.base(), "train.lr=0.001")
+
+
+def _pointer_garbage(c):
+    c.copy_run(finished=False)
+    (c.out / "checkpoint.json").write_text("{this is not json")
+    return sets(*c.base())
+
+
+def _pointer_to_missing_dir(c):
+    c.copy_run(finished=False)
+    (c.out / "checkpoint.json").write_text(json.dumps({"round": 7, "dir": "checkpoint-000007"}))
+    return sets(*c.base())
+
+
+def _pointer_outside_run_dir(c):
+    other = c.copy_run(to=c.tmp / "another-run")
+    c.copy_run(finished=False)
+    shutil.rmtree(c.checkpoint_dir())
+    (c.out / "checkpoint.json").write_text(json.dumps({"round": 2, "dir": str(c.checkpoint_dir(other))}))
+    return sets(*c.base())
+
+
+def _global_is_pickle(c):
+    c.copy_run(finished=False)
+    payload = np.empty(1, dtype=object)
+    payload[0] = RunsArbitraryCode(c.tmp / "pickle-was-executed")
+    with open(c.checkpoint_dir() / "global.npy", "wb") as f:
+        np.save(f, payload, allow_pickle=True)
+    return sets(*c.base())
+
+
+def _pickle_not_executed(c):
+    assert not (c.tmp / "pickle-was-executed").exists(), "the checkpoint's pickle was executed"
+
+
+def _global_wrong_length(c):
+    c.copy_run(finished=False)
+    with open(c.checkpoint_dir() / "global.npy", "wb") as f:
+        np.save(f, np.zeros(7, dtype=np.float32), allow_pickle=False)
+    return sets(*c.base())
+
+
+def _state_of_another_config(c):
+    c.copy_run(finished=False)
+    path = c.checkpoint_dir() / "state.json"
+    state = json.loads(path.read_text())
+    state["config_digest"] = "0123456789abcdef"
+    path.write_text(json.dumps(state))
+    return sets(*c.base())
+
+
+CASES = [
+    # config: the file
+    Case("malformed_toml", "config", _config_file("malformed.toml"), "malformed.toml: not valid TOML"),
+    Case("unknown_section", "config", _config_file("unknown_section.toml"), "unknown section [trainn]"),
+    Case("unknown_key", "config", _config_file("unknown_key.toml"), "unknown key train.lrr"),
+    Case("section_not_a_table", "config", _config_file("section_not_table.toml"), "run: expected a table"),
+    Case("wrong_type", "config", _config_file("wrong_type.toml"), "run.rounds: expected int, got str"),
+    Case("bool_for_int", "config", _config_file("bool_for_int.toml"), "run.rounds: expected int, got bool"),
+    Case("missing_config_file", "config", lambda c: ["--config", str(c.tmp / "nope.toml"), *c.config_args()],
+         "config file not found"),
+    # config: values
+    Case("rounds_0", "config", _set("run.rounds=0"), "run.rounds: 0 is out of range"),
+    Case("lr_0", "config", _set("train.lr=0"), "train.lr: 0.0 is out of range (must be > 0.0)"),
+    Case("severity_6", "config", _set("benchmark.severity=6"), "benchmark.severity: 6 is out of range"),
+    Case("val_fraction_0.9", "config", _set("data.val_fraction=0.9"), "data.val_fraction: 0.9 is out of range"),
+    Case("lr_nan", "config", _set("train.lr=nan"), "train.lr",
+         xfail="accepted: nan passes the range check (nan < lo is False); the run trains with lr=nan"),
+    Case("bool_in_int_list", "config", _set("benchmark.test_severities=[true]"), "benchmark.test_severities",
+         xfail="accepted: isinstance(True, int), so [true] passes as severity 1 (test set named 'gaussian_True')"),
+    Case("unknown_algorithm", "config", _set("algorithm.name=fedprox"), "algorithm.name: 'fedprox' is not one of"),
+    Case("variant_of_another_algorithm", "config", _set("algorithm.name=fedism", "algorithm.variant=qffl"),
+         "algorithm.variant: 'qffl' is not a variant of fedism"),
+    Case("unknown_model", "config", _set("model.name=vgg16"), "model.name: 'vgg16' is not one of"),
+    Case("pretrained_path_for_cnn", "config", _set("model.pretrained_path=weights.pt"), "model.pretrained_path",
+         xfail="accepted by the config check; build_model raises ValueError after the data is read: exit 1, "
+               "traceback"),
+    Case("fail_at_malformed", "config", _set("debug.fail_at=2-1"), "debug.fail_at: '2-1' must look like"),
+    # config: the command line
+    Case("set_without_equals", "config", lambda c: [*c.config_args(), "--set", "run.rounds"],
+         "--set 'run.rounds': expected section.key=value"),
+    Case("set_key_not_section_key", "config", _set("rounds=3"), "the key must be section.key"),
+    # data
+    Case("missing_shard_directory", "data", _missing_source, "shard directory not found: /nonexistent"),
+    Case("directory_without_manifest", "data", _no_manifest, "manifest.json: missing"),
+    Case("manifest_not_json", "data", _manifest_not_json, "manifest.json: not valid JSON"),
+    Case("manifest_wrong_schema", "data", _manifest_schema, "schema 2, this hpcfl reads schema 1"),
+    Case("manifest_lacks_clients", "data", _manifest_lacks_key, "lacks 'clients'"),
+    Case("shard_missing", "data", _shard_missing, "client_002.h5: listed in the manifest but missing"),
+    Case("shard_truncated", "data", _shard_truncated, "client_001.h5: sha256 differs from the manifest"),
+    Case("shard_not_hdf5_without_sha", "data", _shard_not_hdf5_no_sha, "client_001.h5: not a readable hpcfl shard"),
+    Case("labels_out_of_range", "data", _labels_out_of_range, "client_000.h5: labels outside 0..1"),
+    Case("manifest_n_differs", "data", _n_mismatch, "client_001.h5: 6 images, the manifest says 7"),
+    Case("client_without_samples", "data", _client_without_samples, "client(s) [3]"),
+    Case("float32_images", "data", _float_images, "uint8",
+         xfail="accepted: read_shard does not check the dtype; float32 images in [0, 1] are divided by 255 and "
+               "trained on (exit 0)"),
+    Case("image_shape_differs_from_manifest", "data", _image_shape_mismatch, "image_shape",
+         xfail="not checked: the model is built for 1 channel, conv2d fails on the 3-channel batch: exit 1, "
+               "traceback"),
+    Case("pretrained_path_missing", "data", _pretrained_missing, "model.pretrained_path",
+         xfail="FileNotFoundError from build_model after the data is read: exit 1, traceback"),
+    Case("more_client_ranks_than_clients", "data", _more_ranks_than_clients, "5 client ranks but only 4 clients",
+         nprocs=6),
+    # resume / checkpoint
+    Case("resume_with_changed_config", "resume", _changed_config, "different config (train.lr: 0.0003 -> 0.001)"),
+    Case("checkpoint_pointer_garbage", "resume", _pointer_garbage, "checkpoint.json: not an hpcfl checkpoint pointer"),
+    Case("checkpoint_pointer_to_missing_dir", "resume", _pointer_to_missing_dir, "missing or incomplete"),
+    Case("checkpoint_pointer_outside_run_dir", "resume", _pointer_outside_run_dir, "checkpoint.json",
+         xfail="accepted: run_dir / absolute path is that path; resumes from another run's checkpoint (exit 0)"),
+    Case("checkpoint_global_is_pickle", "resume", _global_is_pickle, "global.npy: unreadable checkpoint file",
+         check=_pickle_not_executed),
+    Case("checkpoint_global_wrong_length", "resume", _global_wrong_length, "global.npy",
+         xfail="ValueError (could not broadcast) at global_vec[:] = load_array(...): exit 1, traceback"),
+    Case("checkpoint_of_another_config", "resume", _state_of_another_config, "state.json",
+         xfail="config_digest is stored but never compared: resumes (exit 0)"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_cache) -> Path:
+    """One real tiny run (3 rounds, checkpoint after the last), reused read-only by every resume case."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    p = launch(1, ["--out", str(run_dir), *sets(*TINY, f"data.cache_dir={data_cache}")], timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run_dir / "checkpoint.json").is_file()
+    return run_dir
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory but its logs (which a refused attempt may append to)."""
+    if not run_dir.exists():
+        return {}
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.relative_to(run_dir).parts[0] != "logs"}
+
+
+def tmp_files(*roots: Path) -> list[str]:
+    return [str(p) for root in roots if root.exists() for p in root.rglob("*") if ".tmp" in p.name]
+
+
+def _param(case: Case):
+    marks = [pytest.mark.mpi] if case.nprocs > 1 else []
+    if case.xfail:
+        marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
+    assert sum(c.nprocs > 1 for c in CASES) <= 2  # each mpiexec launch costs ~10 s
+
+
+def test_the_handmade_shard_directory_runs(tmp_path, data_cache):
+    """The control of the data cases: unmodified, the hand-made shard directory trains (so each data case fails
+    because of its one change)."""
+    shards = make_shards(tmp_path / "shards")
+    p = launch(1, ["--out", str(tmp_path / "run"),
+                   *sets(*TINY, f"data.cache_dir={data_cache}", f"data.source={shards}", "run.rounds=1")],
+               timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "run" / "final_model.npy").is_file()
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_bad_input(case: Case, tmp_path, data_cache, request):
+    ctx = Ctx(tmp_path, data_cache, request)
+    args = case.setup(ctx)
+    before = snapshot(ctx.out)
+    p = launch(case.nprocs, ["--out", str(ctx.out), *args], timeout=120, cwd=REPO)
+    output = p.stdout + p.stderr
+    errors = [line for line in output.splitlines() if "hpcfl: error" in line]
+    detail = f"exit {p.returncode}\n--- stderr ---\n{p.stderr[-3000:]}\n--- stdout ---\n{p.stdout[-1500:]}"
+
+    assert "Traceback" not in p.stderr, detail
+    assert p.returncode == case.code, detail
+    assert len(errors) == 1, detail
+    assert case.expect in errors[0], detail
+    assert not tmp_files(tmp_path, data_cache), f"left behind: {tmp_files(tmp_path, data_cache)}"
+    if case.kind == "config":
+        assert not ctx.out.exists(), f"a config error created the run directory {ctx.out}"
+    elif case.kind == "data":
+        left = [n for n in RUN_FILES if (ctx.out / n).exists()] + [p.name for p in ctx.out.glob("checkpoint-*")]
+        assert not left, f"a refused run left {left} in {ctx.out}"
+    else:
+        assert snapshot(ctx.out) == before, "a refused resume changed the run directory"
+    if case.check:
+        case.check(ctx)

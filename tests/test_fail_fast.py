@@ -1,0 +1,52 @@
+"""Fail-fast: an exception on any rank in any phase ends the whole job quickly, naming rank, client and round;
+a stuck rank is ended by the round watchdog; non-finite clients abort or are left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY, launch, read_metrics, sets
+
+pytestmark = pytest.mark.mpi
+
+# (rank, round, phase, extra settings): every phase in which a rank can fail
+PHASES = [
+    (1, 0, "data", []),
+    (2, 1, "statistics", ["algorithm.name=qfedavg"]),
+    (2, 1, "local training", []),
+    (0, 1, "weights", []),
+    (1, 1, "aggregation", []),
+    (0, 1, "evaluation", []),
+    (2, 1, "checkpoint", ["run.checkpoint_every=1"]),
+]
+
+
+@pytest.mark.parametrize("rank,rnd,phase,extra", PHASES, ids=[p[2].replace(" ", "_") for p in PHASES])
+def test_a_failure_in_every_phase_ends_the_job(tmp_path, data_cache, rank, rnd, phase, extra):
+    p = launch(3, ["--out", str(tmp_path / "run"),
+                   *sets(*TINY, f"data.cache_dir={data_cache}", f"debug.fail_at={rank}:{rnd}:{phase}", *extra)],
+               timeout=120)
+    assert p.returncode == 1 and p.wall_s < 100, (p.returncode, p.wall_s, p.stderr[-2000:])
+    shown_round = rnd if phase != "data" else "-"
+    assert f"hpcfl: rank {rank} failed in round {shown_round}, client " in p.stderr
+    assert f"phase {phase}: RuntimeError: injected failure" in p.stderr
+
+
+def test_the_watchdog_ends_a_job_with_a_hung_rank(tmp_path, data_cache):
+    p = launch(3, ["--out", str(tmp_path / "run"),
+                   *sets(*TINY, f"data.cache_dir={data_cache}", "debug.hang_at=2:1", "run.round_timeout_s=4")],
+               timeout=120)
+    assert p.returncode != 0 and p.wall_s < 100, p.stderr[-2000:]
+    assert "round 1 exceeded run.round_timeout_s = 4 s" in p.stderr
+
+
+def test_nonfinite_client_aborts_or_is_left_out(tmp_path, data_cache):
+    base = sets(*TINY, f"data.cache_dir={data_cache}", "debug.nan_at=5:1")
+    p = launch(1, ["--out", str(tmp_path / "abort"), *base], timeout=120)
+    assert p.returncode == 1 and "client(s) [5] sent non-finite parameters" in p.stderr
+    p = launch(3, ["--out", str(tmp_path / "skip"), *base, "--set", "run.on_nonfinite=skip"], timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "round 1: client(s) [5] non-finite, left out of this round" in p.stdout
+    lines = read_metrics(tmp_path / "skip")
+    assert lines[1]["weights"][5] == 0 and sum(lines[1]["weights"]) == pytest.approx(1)
+    assert lines[0]["weights"][5] > 0 and lines[2]["weights"][5] > 0  # only that round
