@@ -73,3 +73,32 @@ def progress_text(line: dict, rounds: int) -> str:
     if "client_summary" in line:
         parts.append(f"worst client bacc {line['client_summary']['bacc']['worst']:.3f}")
     return "  ".join(parts) + f"  ({line['time_s']:.1f} s)"
+
+
+class Progress:
+    """Rank 0's progress: a tqdm bar when the console is a terminal (round, loss, BACC, gap in its postfix), else
+    one log line per round (batch jobs). The line always goes to the rank's log file."""
+
+    active_bar = False  # read by the console log handler: while a bar is shown, round lines stay off the console
+
+    def __init__(self, rounds: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
+                Progress.active_bar = True
+            except ImportError:
+                pass
+
+    def round_done(self, text: str, postfix: str = "") -> None:
+        logging.getLogger("hpcfl.progress").info(text)
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix or text, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            Progress.active_bar = False

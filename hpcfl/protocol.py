@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -49,12 +50,11 @@ from hpcfl.local.stats import StatsContext, measure
 from hpcfl.local.trainer import train_client
 from hpcfl.metrics import classification_metrics, client_summary, gaps, predict_proba
 from hpcfl.models import build_model, input_channels
-from hpcfl.outputs import RunLog, progress_text
+from hpcfl.outputs import Progress, RunLog, progress_text
 from hpcfl.setup import COMPLETE, FRESH, RESUME, Where, load_client, open_run_dir, pick_device, prepare_data
 from hpcfl.setup import validation_count
 
 log = logging.getLogger("hpcfl")
-progress_log = logging.getLogger("hpcfl.progress")
 
 _PURPOSES = {"init": 0, "train": 1, "stats": 2}
 # Set by a signal handler (SLURM's pre-emption warning, SIGTERM): checkpoint after this round and stop.
@@ -290,6 +290,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     local_optimizer = cfg.local_optimizer()
     comm.bcast(global_vec)  # w^start
     watchdog = RoundWatchdog(cfg.run.round_timeout_s, comm, where)
+    progress = Progress(cfg.run.rounds, start, enabled=comm.is_server and sys.stderr.isatty())
     for t in range(start, cfg.run.rounds):
         t_round = time.time()
         watchdog.new_round()
@@ -407,9 +408,9 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                                               for j, k in enumerate(("bacc", "acc"))}
                 line.update(time_s=time.time() - t_round, elapsed_s=time.time() - t_start)
                 runlog.add(line)
-                progress_log.info(progress_text(line, cfg.run.rounds))
+                progress.round_done(progress_text(line, cfg.run.rounds))
         elif comm.is_server:
-            progress_log.info("round %d/%d  (%.1f s)", t + 1, cfg.run.rounds, time.time() - t_round)
+            progress.round_done(f"round {t + 1}/{cfg.run.rounds}  ({time.time() - t_round:.1f} s)")
 
         # 8. checkpoint when due, at the end, or when a stop was requested (then stop)
         enter("checkpoint")
@@ -425,10 +426,12 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                             runlog.lines if runlog else [], global_vec)
         if plan[1]:
             watchdog.stop()
+            progress.close()
             log.info("stopped after round %d at a checkpoint: run the same command again to resume", t + 1)
             return {"stopped": True}
 
     watchdog.stop()
+    progress.close()
     where.phase = "finish"
     comm.barrier()
     if comm.is_server:

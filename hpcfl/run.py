@@ -36,12 +36,16 @@ def parse_args(argv=None):
 
 
 def setup_logging(rank: int, size: int) -> None:
+    from hpcfl.outputs import Progress
+
     """Console: rank 0 tells the progress; other ranks only warnings. Each rank's full log also goes to its file
     in the run directory (protocol.add_rank_log)."""
     fmt = "%(asctime)s [rank %(rank)d] %(message)s" if size > 1 else "%(asctime)s %(message)s"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     handler.addFilter(lambda record: setattr(record, "rank", rank) or True)
+    # while rank 0 shows a progress bar, its round lines go to the log file only
+    handler.addFilter(lambda record: not (record.name == "hpcfl.progress" and Progress.active_bar))
     handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root = logging.getLogger("hpcfl")
     for old in root.handlers:
