@@ -7,7 +7,7 @@ Command (launches itself under ``mpiexec -n W`` once per W, then prints a table 
 or one world size directly: ``mpirun -n 6 python -m benchmarks.comm``.
 
 For a model of P float32 values (default 11.2M, the size of the ResNet-18 hpcfl trains), each method does what
-travels in steps 2 and 6 of a round (hpcfl/protocol.py): the server sends the global model to every rank, then
+travels in steps 5-6 of a round (hpcfl/protocol.py): the server sends the global model to every rank, then
 the client ranks' contributions are summed on the server.
 
   (a) hpcfl_exact   ``MPIComm.bcast(float32 P)`` + ``MPIComm.reduce_sum(int64 P)``, the server's accumulator

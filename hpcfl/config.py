@@ -41,7 +41,7 @@ def _opt(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
 class RunConfig:
     seed: int = _opt(0, lo=0, doc="base seed of every random stream (model init, shuffling, augmentation)")
     rounds: int = _opt(20, lo=1, doc="communication rounds T")
-    out: str = _opt("runs/default", doc="run directory (config.toml, run.json, metrics.jsonl, final_model.npy)")
+    out: str = _opt("runs/default", doc="run directory (config, metrics, logs, checkpoints, final model: docs/outputs.md)")
     torch_threads: int = _opt(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
     round_timeout_s: float = _opt(0.0, lo=0.0, doc="end the job when one round takes longer (a stuck rank or "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
@@ -17,7 +19,13 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
     f1: macro F1 · f1_weighted: support-weighted F1 · auc_weighted: support-weighted one-vs-rest AUC ·
     confusion: the C x C confusion matrix (rows: true class). AUCs are NaN when the test set lacks one of the
     model's classes (they are undefined then)."""
-    y_true = np.asarray(y_true)
+    with warnings.catch_warnings():
+        # small held-out parts often lack a class: sklearn warns, the metric is still what we want
+        warnings.simplefilter("ignore", UserWarning)
+        return _metrics(np.asarray(y_true), probs)
+
+
+def _metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
     pred = probs.argmax(axis=1)
     labels = np.arange(probs.shape[1])
     out = {

@@ -57,7 +57,7 @@ class RunLog:
         if self.tb is not None:
             for key, value in flat_row(line).items():
                 if isinstance(value, float) and math.isfinite(value):
-                    self.tb.add_scalar(key.replace("_", "/", 1), value, line["round"])
+                    self.tb.add_scalar(key, value, line["round"])
             self.tb.flush()
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ from hpcfl.data.shards import load_manifest, read_checked
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
-from hpcfl.io import atomic_path, write_json, write_text
+from hpcfl.io import write_json, write_text
 from hpcfl.local.stats import StatsContext, measure
 from hpcfl.local.trainer import train_client
 from hpcfl.metrics import classification_metrics, client_summary, gaps, predict_proba
@@ -120,6 +120,12 @@ def leave_out(weights: np.ndarray, bad: list[int]) -> np.ndarray:
     if out.sum() <= 0:
         raise FloatingPointError(f"every client with weight was left out (non-finite: {bad})")
     return out * (weights.sum() / out.sum())
+
+
+def mean_train_loss(train_table: np.ndarray) -> float:
+    """Step-weighted mean of the clients' training losses (clients with a non-finite loss left out)."""
+    ok = np.isfinite(train_table[:, 0]) & (train_table[:, 1] > 0)
+    return float(np.average(train_table[ok, 0], weights=train_table[ok, 1])) if ok.any() else float("nan")
 
 
 def finite_max(values: np.ndarray) -> float:
@@ -360,11 +366,12 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
             if bad and cfg.run.on_nonfinite == "abort":
                 raise FloatingPointError(f"client(s) {bad} sent non-finite parameters, loss or statistics "
                                          "(run.on_nonfinite = 'skip' leaves such clients out of the round)")
-            if bad:  # the rule sees a neutral value for them, then they get no weight this round
+            rule_stats = stats
+            if bad:  # the rule sees a neutral value for them (the mean of the others), then they get no weight
                 log.warning("round %d: client(s) %s non-finite, left out of this round", t, bad)
-                stats = {k: np.where(np.isfinite(v), v, np.nanmean(np.where(np.isfinite(v), v, np.nan)))
-                         for k, v in stats.items()}
-            d = algorithm.aggregate(t, sizes, stats)
+                rule_stats = {k: np.where(np.isfinite(v), v, np.nanmean(np.where(np.isfinite(v), v, np.nan)))
+                              for k, v in stats.items()}
+            d = algorithm.aggregate(t, sizes, rule_stats)
             client_weights = leave_out(d.weights, bad) if bad else d.weights
             largest_term = finite_max(train_table[:, 2]) * max(1.0, float(np.abs(client_weights).max()))
             exponent = fixed_point_exponent(largest_term, num_clients)  # the range must hold every a_i * w_i
@@ -388,9 +395,15 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
             if cfg.data.val_fraction > 0:
                 layout.load_vector(model, global_vec)
                 for cid in my_clients:
-                    m = classification_metrics(val_parts[cid].labels.numpy(), predict_proba(
-                        model, val_parts[cid].images, transform, cfg.eval.batch_size))
+                    where.client = cid
+                    part = val_parts[cid]
+                    if part is None:  # a shard too small to hold anything out
+                        client_table[cid] = np.nan
+                        continue
+                    m = classification_metrics(part.labels.numpy(), predict_proba(model, part.images, transform,
+                                                                                  cfg.eval.batch_size))
                     client_table[cid] = (m["bacc"], m["acc"])
+                where.client = None
                 comm.reduce_sum(client_table, client_table)
             if comm.is_server:
                 layout.load_vector(model, global_vec)
@@ -400,8 +413,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                 line = {"round": t, "algorithm": cfg.algorithm.name, "metrics": results, "gap": gaps(results),
                         "weights": [float(w) for w in weights], "keep": keep, "rho": rho,
                         "stats": {k: [float(x) for x in v] for k, v in stats.items()},
-                        "train_loss": float(np.average(train_table[:, 0], weights=np.maximum(train_table[:, 1],
-                                                                                             1e-12)))}
+                        "train_loss": mean_train_loss(train_table)}
                 if cfg.data.val_fraction > 0:
                     line["clients"] = {"bacc": client_table[:, 0].tolist(), "acc": client_table[:, 1].tolist()}
                     line["client_summary"] = {k: client_summary(client_table[:, j], corrupted)
@@ -436,13 +448,11 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     comm.barrier()
     if comm.is_server:
         runlog.close()
+        checkpoint.save_array(out_dir / "final_model.npy", global_vec)  # before "finished" marks the run complete
         info = json.loads((out_dir / "run.json").read_text())
         info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.time() - t_start,
                      "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         write_json(out_dir / "run.json", info)
-        with atomic_path(out_dir / "final_model.npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, global_vec, allow_pickle=False)
     return {}
 
 

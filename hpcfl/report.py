@@ -54,10 +54,22 @@ from hpcfl.io import write_text
 
 METHOD_KEYS = ("algorithm.name", "algorithm.variant", "train.local_optimizer")
 BUILTIN_KEYS = ("benchmark.num_corrupted", "benchmark.corruption", "benchmark.severity")
-IGNORED_KEYS = ("run.seed", "run.out", "run.checkpoint_every", "data.cache_dir")  # never split a setting
+IGNORED_KEYS = ("run.seed", "run.out", "run.checkpoint_every", "run.round_timeout_s", "data.cache_dir")  # never split a setting
 AGREE_KEYS = ("run.rounds", "eval.every", "benchmark.test_severities")  # must agree within a setting
 METRICS = (("bacc", "BACC"), ("auc", "AUC"))
 COLUMNS = (("clean", "Clean"), ("corrupted", "Corrupted"), ("avg", "Avg"), ("gap", "Gap"))
+
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure atomically (a reader never sees half a PNG) and free it."""
+    import matplotlib.pyplot as plt
+
+    from hpcfl.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 
 def _flat(raw: dict) -> dict[str, Any]:
@@ -512,7 +524,7 @@ def plot_rounds(setting: Setting, colors: dict, last: int, path: Path) -> None:
     axes[0].set_ylabel("BACC (%)")
     axes[1].legend(loc="best", fontsize="small")
     fig.suptitle(_title("Balanced accuracy over rounds (mean ± std over seeds)", setting, 11))
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def plot_weights(setting: Setting, method: str, path: Path) -> bool:
@@ -550,7 +562,7 @@ def plot_weights(setting: Setting, method: str, path: Path) -> bool:
     bar = fig.colorbar(image, ax=ax, label=f"weight (white = uniform 1/{n_clients})")
     bar.ax.set_ylim(min(float(w.min()), uniform), max(float(w.max()), uniform))  # only the range in use
     fig.suptitle(_title(f"Aggregation weights: {method}, mean over {_plural(len(runs), 'seed')}", setting, width))
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     return True
 
 
@@ -570,7 +582,7 @@ def plot_gap(setting: Setting, rows: list[Row], colors: dict, last: int, path: P
     ax.set_ylabel(f"clean − {corrupted} BACC (points)")
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(_title(f"BACC gap, mean ± std over the last {last} rounds × seeds", setting, width))
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def write_plots(setting: Setting, rows: list[Row], colors: dict, last: int, out: Path) -> dict[str, Any]:

@@ -55,6 +55,14 @@ def setup_logging(rank: int, size: int) -> None:
     root.propagate = False
 
 
+def to_rank_log(text: str) -> None:
+    """Also keep a failure in this rank's log file (the console already shows it)."""
+    for handler in logging.getLogger("hpcfl").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(text.rstrip("\n") + "\n")
+            handler.flush()
+
+
 def request_stop(signum, frame) -> None:
     """SLURM's pre-emption warning (``--signal=B:USR1@...``, forwarded by the job script) or SIGTERM: finish the
     current round, checkpoint, exit with code 3 so that the job script can requeue."""
@@ -102,6 +110,7 @@ def main(argv=None) -> int:
             time.sleep(1.0)
         where_text = f" (rank {comm.rank}, {where})" if comm.size > 1 else ""
         print(f"hpcfl: error{where_text}: {e}", file=sys.stderr, flush=True)
+        to_rank_log(f"hpcfl: error{where_text}: {e}")
         if comm.size > 1:
             comm.abort(2)
         return 2
@@ -109,7 +118,9 @@ def main(argv=None) -> int:
         if isinstance(e, SystemExit) and e.code in (0, None):
             raise
         traceback.print_exc()
-        print(f"hpcfl: rank {comm.rank} failed in {where}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        message = f"hpcfl: rank {comm.rank} failed in {where}: {type(e).__name__}: {e}"
+        print(message, file=sys.stderr, flush=True)
+        to_rank_log(traceback.format_exc() + message)
         if comm.size > 1:
             comm.abort(1)
         return 1

@@ -50,7 +50,8 @@ def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> tu
         if overwrite:
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
-            for d in [*RUN_DIRS, *(p.name for p in out_dir.glob("checkpoint-*"))]:
+            for d in [*RUN_DIRS, *(p.name for p in out_dir.glob("checkpoint-*")),
+                      *(p.name for p in out_dir.glob(".checkpoint-*.tmp"))]:
                 shutil.rmtree(out_dir / d, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         return FRESH, None
