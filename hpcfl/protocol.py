@@ -296,6 +296,21 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     local_optimizer = cfg.local_optimizer()
     comm.bcast(global_vec)  # w^start
     watchdog = RoundWatchdog(cfg.run.round_timeout_s, comm, where)
+    pending = None  # server: (model, metrics line) of an evaluation not done yet
+
+    def server_evaluation(job):
+        """Test w^{t+1} on every test set, complete the round's metrics line, log it. Returns None (done)."""
+        vec, partial = job
+        layout.load_vector(model, vec)
+        results = {name: classification_metrics(labels, predict_proba(model, images, transform,
+                                                                      cfg.eval.batch_size))
+                   for name, (images, labels) in test_sets.items()}
+        line = {"round": partial["round"], "algorithm": partial["algorithm"], "metrics": results,
+                "gap": gaps(results), **partial}
+        runlog.add(line)
+        progress.round_done(progress_text(line, cfg.run.rounds))
+        return None
+
     progress = Progress(cfg.run.rounds, start, enabled=comm.is_server and sys.stderr.isatty())
     for t in range(start, cfg.run.rounds):
         t_round = time.time()
@@ -306,6 +321,8 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         enter("broadcast")
         control = comm.bcast(np.array([t, algorithm.rho(t)], dtype=np.float64))
         rho = float(control[1])
+        if pending is not None:  # the previous round's test-set evaluation, while the clients work
+            pending = server_evaluation(pending)
 
         # 2. statistics at w^t, only those the algorithm asks for this round
         stat_names = algorithm.stats_before(t)
@@ -406,11 +423,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                 where.client = None
                 comm.reduce_sum(client_table, client_table)
             if comm.is_server:
-                layout.load_vector(model, global_vec)
-                results = {name: classification_metrics(labels, predict_proba(model, images, transform,
-                                                                              cfg.eval.batch_size))
-                           for name, (images, labels) in test_sets.items()}
-                line = {"round": t, "algorithm": cfg.algorithm.name, "metrics": results, "gap": gaps(results),
+                line = {"round": t, "algorithm": cfg.algorithm.name,
                         "weights": [float(w) for w in weights], "keep": keep, "rho": rho,
                         "stats": {k: [float(x) for x in v] for k, v in stats.items()},
                         "train_loss": mean_train_loss(train_table)}
@@ -419,8 +432,11 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                     line["client_summary"] = {k: client_summary(client_table[:, j], corrupted)
                                               for j, k in enumerate(("bacc", "acc"))}
                 line.update(time_s=time.time() - t_round, elapsed_s=time.time() - t_start)
-                runlog.add(line)
-                progress.round_done(progress_text(line, cfg.run.rounds))
+                # Under MPI the server would otherwise sit idle while the clients train the next round: it tests
+                # w^{t+1} then (before a checkpoint or at the end at the latest). Alone, it tests it now.
+                pending = (global_vec.copy(), line)
+                if comm.size == 1 or t == cfg.run.rounds - 1:
+                    pending = server_evaluation(pending)
         elif comm.is_server:
             progress.round_done(f"round {t + 1}/{cfg.run.rounds}  ({time.time() - t_round:.1f} s)")
 
@@ -433,6 +449,8 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
             plan[:] = (last or stop_requested or (every > 0 and (t + 1) % every == 0)), (stop_requested and not last)
         comm.bcast(plan)
         if plan[0]:
+            if pending is not None:  # the checkpoint carries every metrics line up to this round
+                pending = server_evaluation(pending)
             save_checkpoint(comm, out_dir, t, cfg, algorithm, prev_weights,
                             prev_local if algorithm.keeps_local_model else {},
                             runlog.lines if runlog else [], global_vec)

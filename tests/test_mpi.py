@@ -74,11 +74,12 @@ def test_a_failure_on_any_rank_ends_the_job_and_names_it(tmp_path, data_cache):
     """(Every phase on every kind of rank: tests/test_fail_fast.py.)"""
     base = sets(*TINY, f"data.cache_dir={data_cache}")
     # a client rank fails in local training
-    p = launch(3, ["--out", str(tmp_path / "a"), *base, "--set", "debug.fail_at=2:1"], timeout=120)
+    p = launch(3, ["--out", str(tmp_path / "a"), *base, "--set", "debug.fail_at=2:1", "--set", "run.checkpoint_every=1"],
+               timeout=120)
     assert p.returncode != 0 and p.wall_s < 100
     assert "hpcfl: rank 2 failed in round 1, client " in p.stderr and "phase local training" in p.stderr
     assert "injected failure" in p.stderr
-    assert len(read_metrics(tmp_path / "a")) == 1  # round 0 finished and was kept
+    assert len(read_metrics(tmp_path / "a")) == 1  # round 0 was checkpointed: its metrics are kept
     # single-rank mode: exit code 1 and the same message
     p = launch(1, ["--out", str(tmp_path / "c"), *base, "--set", "debug.fail_at=0:2"], timeout=120)
     assert p.returncode == 1 and "hpcfl: rank 0 failed in round 2, client 0, phase local training" in p.stderr
