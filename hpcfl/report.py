@@ -634,7 +634,8 @@ def _positive(text: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m hpcfl.report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="finished run directories")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="finished run directories, or a sweep's root directory (all its runs)")
     p.add_argument("--last", type=_positive, default=5, help="evaluated rounds per run in each cell (default 5)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output directory (default report/)")
     p.add_argument("--group-by", dest="group_by", action="append", default=[], metavar="SECTION.KEY",
@@ -643,10 +644,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def expand_sweep_roots(paths: list[Path]) -> list[Path]:
+    """A sweep's root directory (``python -m jobs sweep --out-root``: it holds cells.tsv) stands for its run
+    directories; every other path is taken as given."""
+    out = []
+    for p in paths:
+        if (p / "cells.tsv").is_file():
+            out.extend(sorted(d for d in p.iterdir() if (d / "config.toml").is_file()))
+        else:
+            out.append(p)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        markdown, files = report(args.runs, args.out, args.last, args.group_by, args.plots)
+        markdown, files = report(expand_sweep_roots(args.runs), args.out, args.last, args.group_by, args.plots)
     except UsageError as e:
         print(f"hpcfl.report: error: {e}", file=sys.stderr)
         return 2

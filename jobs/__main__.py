@@ -18,8 +18,9 @@ from jobs import sweep as sweep_mod
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m jobs", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jobs", description="Cluster jobs for hpcfl: generate and submit "
+                                "sweeps of runs (Slurm job arrays or a local script), and follow them. "
+                                "See docs/cluster.md.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,status}")
     sweep_mod.add_sweep_parser(sub)
     sweep_mod.add_status_parser(sub)

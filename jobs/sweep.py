@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -48,11 +49,11 @@ BLOCK_END = "# <<< hpcfl launch <<<"
 DEFAULT_CONFIG = Path("configs/default.toml")  # as hpcfl.run: used when present and no --config is given
 CELLS_FILE, SBATCH_FILE, LOCAL_FILE = "cells.tsv", "sweep.sbatch", "sweep.sh"
 CELLS_HEADER = "# index\trun directory\targuments of python -m hpcfl.run (shell-quoted)"
+WORKDIR_HEADER = "# hpcfl sweep; relative paths are relative to: "
 # Keys the sweep sets itself, and the option that sets them.
 RESERVED = {"algorithm.name": "--algorithms", "run.seed": "--seeds", "run.out": "--out-root"}
 TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 MAX_SIGNAL_SECONDS = 65535  # Slurm's limit for --signal=...@seconds
-EXIT_MEANINGS = {0: "done", 1: "failed", 2: "bad input", 3: "stopped at a checkpoint"}
 
 
 class SweepError(UsageError):
@@ -216,26 +217,28 @@ def check_cells(cells: list[Cell], config: str | None) -> list:
     return resolved
 
 
-def cells_tsv(cells: list[Cell]) -> str:
-    lines = [CELLS_HEADER]
+def cells_tsv(cells: list[Cell], workdir: Path) -> str:
+    lines = [f"{WORKDIR_HEADER}{workdir}", CELLS_HEADER]
     lines += [f"{c.index}\t{c.run_dir}\t{shlex.join(c.args)}" for c in cells]
     return "\n".join(lines) + "\n"
 
 
-def read_cells(out_root: Path) -> list[tuple[int, str, list[str]]]:
-    """cells.tsv -> [(index, run directory, arguments)]."""
+def read_cells(out_root: Path) -> tuple[Path | None, list[tuple[int, str, list[str]]]]:
+    """cells.tsv -> (the directory the jobs run in, [(index, run directory, arguments)])."""
     path = out_root / CELLS_FILE
     if not path.is_file():
         raise SweepError(f"{path} not found: is {out_root} a sweep directory (made by python -m jobs sweep)?")
-    rows = []
+    rows, workdir = [], None
     for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith(WORKDIR_HEADER):
+            workdir = Path(line[len(WORKDIR_HEADER):])
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
         if len(parts) != 3 or not parts[0].isdigit():
             raise SweepError(f"{path}, line {n}: expected index<TAB>run directory<TAB>arguments")
         rows.append((int(parts[0]), parts[1], shlex.split(parts[2])))
-    return rows
+    return workdir, rows
 
 
 # ---------------------------------------------------------------------------------------------- scripts
@@ -320,12 +323,14 @@ def render_local(cells: list[Cell], opts, workdir: Path, mpiexec: str | None, co
 # A failed cell does not stop the others; a summary comes at the end. Exit code: 0 every cell done, 1 a cell
 # failed, 3 a cell stopped at a checkpoint (none failed). Run this script again to resume: finished cells report
 # "already complete", stopped or killed ones continue from their last checkpoint.
-# USR1, TERM or Ctrl-C: the running cell is asked to stop at its next checkpoint and no further cell starts.
+# USR1, TERM or Ctrl-C: the running cell stops at a checkpoint after its current round and no further cell
+# starts; a second signal kills the running cell (it resumes from its last checkpoint).
 set -u
 export PYTHONUNBUFFERED=1
 cd {_q(workdir)} || exit 2
 CELLS={_q(out_root / CELLS_FILE)}
 launch=({launch}{_q(opts.python)} -m hpcfl.run)
+setsid=$(command -v setsid || true)
 
 pid=""
 signals=0
@@ -333,8 +338,15 @@ stop=0
 on_signal() {{
     signals=$((signals + 1))
     stop=1
-    echo "hpcfl sweep: signal: the running cell stops at its next checkpoint; no further cell starts"
-    if [ -n "$pid" ]; then kill -USR1 "$pid" 2>/dev/null; fi
+    if [ -z "$pid" ]; then return; fi
+    if [ "$signals" = 1 ]; then
+        echo "hpcfl sweep: stopping: the running cell stops at a checkpoint after its current round (exit code 3)," \
+             "no further cell starts (signal again to kill it now)"
+        kill -USR1 "$pid" 2>/dev/null
+    else
+        echo "hpcfl sweep: killing the running cell (it resumes from its last checkpoint)"
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+    fi
 }}
 trap on_signal USR1 TERM INT
 
@@ -350,20 +362,20 @@ while IFS=$'\\t' read -r index run_dir args <&3; do
     fi
     eval "cell_args=($args)"
     echo "=== hpcfl sweep: cell $index of {len(cells)}: $run_dir"
-    "${{launch[@]}}" "${{cell_args[@]}}" </dev/null &
+    # In a session of its own, so that Ctrl-C reaches this script only, which asks the cell to stop at a checkpoint.
+    $setsid "${{launch[@]}}" "${{cell_args[@]}}" </dev/null &
     pid=$!
-    while :; do
-        seen=$signals
-        wait "$pid"
-        rc=$?
-        if [ "$signals" = "$seen" ]; then break; fi
-    done
+    # Poll, then collect the exit code: bash loses the exit code of a child that ends while a trap has
+    # interrupted `wait`.
+    while kill -0 "$pid" 2>/dev/null; do sleep 1; done
+    wait "$pid"
+    rc=$?
     pid=""
     case "$rc" in
         0) what="done" ;;
         3) what="stopped at a checkpoint"; stopped=1 ;;
         2) what="bad input (exit 2)"; failed=1 ;;
-        *) what="FAILED (exit $rc)"; failed=1 ;;
+        *) if [ "$rc" -gt 128 ]; then what="killed (exit $rc)"; else what="FAILED (exit $rc)"; fi; failed=1 ;;
     esac
     summary+=("$(printf '%4s  %-26s %s' "$index" "$what" "$run_dir")")
 done 3< "$CELLS"
@@ -437,7 +449,7 @@ def validate_options(opts) -> None:
             value = getattr(opts, name)
             if value is not None and not re.fullmatch(r"[A-Za-z0-9_.,:+-]+", value):
                 raise SweepError(f"--{name.replace('_', '-')} {value!r}: unexpected characters")
-    for text in [*opts.sets, *opts.grid_specs, opts.out_root, opts.config or ""]:
+    for text in [*opts.sets, *opts.grid_specs, opts.out_root, opts.config or "", str(Path.cwd())]:
         if "\t" in text or "\n" in text:
             raise SweepError(f"{text!r}: tabs and newlines cannot go into cells.tsv")
     for line in opts.prelude:
@@ -498,8 +510,9 @@ def sweep(opts) -> int:
 
     workdir = Path.cwd()
     out_root = Path(opts.out_root)
-    command = "python -m jobs sweep " + shlex.join(opts.argv)
-    text = cells_tsv(cells)
+    # The command that makes these files (without --submit/--force, which do not change them).
+    command = "python -m jobs sweep " + shlex.join(a for a in opts.argv if a not in ("--submit", "--force"))
+    text = cells_tsv(cells, workdir)
     if opts.launcher == "local":
         script_name, script = LOCAL_FILE, render_local(cells, opts, workdir, mpiexec, command)
     else:
@@ -521,7 +534,7 @@ def sweep(opts) -> int:
         return 0
     sys.stdout.flush()
     if opts.launcher == "local":
-        return subprocess.run(["bash", str(out_root / script_name)]).returncode
+        return run_forwarding_signals(["bash", str(out_root / script_name)])
     p = subprocess.run(["sbatch", "--parsable", str(out_root / script_name)], capture_output=True, text=True)
     if p.returncode != 0:
         print(f"jobs sweep: sbatch refused the job (exit {p.returncode}): {p.stderr.strip()}", file=sys.stderr)
@@ -530,6 +543,23 @@ def sweep(opts) -> int:
     print(f"submitted job array {job}: {len(cells)} tasks; logs in {out_root / 'logs'}; "
           f"progress: python -m jobs status {_q(out_root)}")
     return 0
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run ``cmd``, passing USR1 and TERM on to it (the script then stops after its running cell, at a
+    checkpoint); Ctrl-C reaches it from the terminal by itself."""
+    proc = subprocess.Popen(cmd)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def cell_state(run_dir: Path) -> tuple[str, bool]:
@@ -561,19 +591,23 @@ def cell_state(run_dir: Path) -> tuple[str, bool]:
 
 def status(opts) -> int:
     out_root = Path(opts.out_root)
-    rows = read_cells(out_root)
+    workdir, rows = read_cells(out_root)
     unfinished = []
     for index, run_dir, _ in rows:
-        state, finished = cell_state(Path(run_dir))
+        state, finished = cell_state(Path(run_dir) if workdir is None else workdir / run_dir)
         if not finished:
             unfinished.append(index)
         print(f"{index:4d}  {state:32s} {run_dir}")
     print(f"{len(rows) - len(unfinished)} of {len(rows)} cells finished")
-    if unfinished and (out_root / SBATCH_FILE).is_file():
+    if not unfinished:
+        # The cells' directories only: the glob leaves out cells.tsv, the job script and logs/.
+        print(f"report: python -m hpcfl.report {_q(out_root)}")
+    elif (out_root / SBATCH_FILE).is_file():
         ranges = compress(unfinished)
-        print(f"resume the others: sbatch --array={ranges} {_q(out_root / SBATCH_FILE)}")
-    elif unfinished and (out_root / LOCAL_FILE).is_file():
-        print(f"resume the others: bash {_q(out_root / LOCAL_FILE)}")
+        print(f"(re)submit the unfinished cells once no task of an earlier submission is queued or running "
+              f"(squeue --me): sbatch --array={ranges} {_q(out_root / SBATCH_FILE)}")
+    elif (out_root / LOCAL_FILE).is_file():
+        print(f"run the unfinished cells: bash {_q(out_root / LOCAL_FILE)}")
     return 0 if not unfinished else 1
 
 
@@ -612,8 +646,8 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (--gres=gpu:G; default 0)")
     p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per rank (--cpus-per-task)")
     p.add_argument("--time", default="04:00:00", help="time limit of each array task (default 04:00:00)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
+    p.add_argument("--partition", default=None, help="Slurm partition (--partition)")
+    p.add_argument("--account", default=None, help="Slurm account to charge (--account)")
     p.add_argument("--signal-seconds", type=int, default=300,
                    help="USR1 this many seconds before the time limit: hpcfl stops at a checkpoint and the task "
                         "requeues itself (default 300; make it longer than one round plus a checkpoint)")

@@ -108,11 +108,13 @@ def build(out_dir: str | Path, bench) -> Path:
             "made_by": {"command": "preprocess.synthetic.build", "arguments": dataclasses.asdict(bench),
                         "versions": {"numpy": np.__version__}},
         })
-        if out_dir.exists():  # another builder finished first: keep its (identical) result
-            shutil.rmtree(tmp)
-        else:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
             os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "manifest.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # another job built the same benchmark first: keep its (identical) result
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,6 +3,8 @@ a stuck rank is ended by the round watchdog; non-finite clients abort or are lef
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import TINY, launch, read_metrics, sets
@@ -34,10 +36,11 @@ def test_a_failure_in_every_phase_ends_the_job(tmp_path, data_cache, rank, rnd, 
 
 def test_the_watchdog_ends_a_job_with_a_hung_rank(tmp_path, data_cache):
     p = launch(3, ["--out", str(tmp_path / "run"),
-                   *sets(*TINY, f"data.cache_dir={data_cache}", "debug.hang_at=2:1", "run.round_timeout_s=4")],
-               timeout=120)
-    assert p.returncode != 0 and p.wall_s < 100, p.stderr[-2000:]
-    assert "round 1 exceeded run.round_timeout_s = 4 s" in p.stderr
+                   *sets(*TINY, f"data.cache_dir={data_cache}", "debug.hang_at=2:1", "run.round_timeout_s=20")],
+               timeout=150)
+    assert p.returncode != 0 and p.wall_s < 120, p.stderr[-2000:]
+    # (round 1 hangs; on a very busy machine round 0 alone may already outlast the limit)
+    assert re.search(r"round [01] exceeded run.round_timeout_s = 20 s", p.stderr), p.stderr[-2000:]
 
 
 def test_nonfinite_client_aborts_or_is_left_out(tmp_path, data_cache):

@@ -358,3 +358,16 @@ def test_report_on_real_runs(tmp_path, capsys):
     res = subprocess.run([sys.executable, "-m", "hpcfl.report", dirs[0], str(tmp_path / "data-fedavg")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "is not a run directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_sweep_root_stands_for_its_run_directories(tmp_path):
+    from hpcfl.report import expand_sweep_roots
+
+    root = tmp_path / "sweep"
+    for name in ("fedavg-s0", "fedism-s0"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.toml").write_text("")
+    (root / "logs").mkdir()
+    (root / "cells.tsv").write_text("")
+    assert expand_sweep_roots([root]) == [root / "fedavg-s0", root / "fedism-s0"]
+    assert expand_sweep_roots([root / "fedavg-s0"]) == [root / "fedavg-s0"]
