@@ -95,6 +95,8 @@ def first_int(ds, keyword: str) -> int:
 def dicom_window(hu: np.ndarray, ds) -> np.ndarray:
     """The reference: the image's own window, clipped, then min-max to [0, 255] (float)."""
     center, width = first_int(ds, "WindowCenter"), first_int(ds, "WindowWidth")
+    if width < 1:
+        raise SkipItem(f"bad window tags: WindowWidth = {width}")
     lo, hi = center - width // 2, center + width // 2
     clipped = np.clip(hu, lo, hi)
     mi, ma = clipped.min(), clipped.max()
@@ -150,10 +152,36 @@ def find_dicoms(folder: Path) -> dict[str, Path]:
     return {e.name[:-4]: Path(e.path) for e in os.scandir(folder) if e.name.endswith(".dcm")}
 
 
+# Per image, the label rows seen so far packed in one int (the real file has 4.5 M rows for 750 k images):
+# bit k = a row for SUBTYPES[k] was seen, bit 6 + k = it was 1, plus two flags.
+_SEEN_ALL, _CONFLICT, _BAD = (1 << len(SUBTYPES)) - 1, 1 << 12, 1 << 13
+_BIT = {s: 1 << k for k, s in enumerate(SUBTYPES)}
+
+
+def _add_row(state: int, subtype: str, value: str) -> int:
+    bit, positive = _BIT[subtype], value == "1"
+    if state & bit and bool(state & (bit << 6)) != positive:
+        return state | _CONFLICT  # stage_2_train.csv repeats some rows; repeats must agree
+    return state | bit | ((bit << 6) if positive else 0)
+
+
+def _classify(state: int) -> tuple[int | None, str | None]:
+    """(class, None) for a single-subtype image, (None, reason) for a problem, (None, None) outside the task."""
+    if state & _CONFLICT:
+        return None, "conflicting repeated label rows"
+    if state & _SEEN_ALL != _SEEN_ALL:
+        missing = [s for s in SUBTYPES if not state & _BIT[s]]
+        return None, f"incomplete labels: no row for {', '.join(missing)}"
+    positive = [k for k in range(len(CLASS_NAMES)) if state & (1 << (6 + k))]
+    if len(positive) == 1 and not state & (_BIT["any"] << 6):
+        return None, "inconsistent labels: one subtype positive but 'any' is 0"
+    return (positive[0], None) if len(positive) == 1 else (None, None)
+
+
 def read_kaggle_labels(path: Path):
     """Parse the Kaggle label CSV. Returns ({image id: class} of single-subtype images, problems
     [(id, reason)], Counter of images outside the task, set of every labelled image id)."""
-    seen: dict[str, dict[str, int]] = {}
+    seen: dict[str, int] = {}
     problems: list[tuple[str, str]] = []
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
@@ -163,38 +191,29 @@ def read_kaggle_labels(path: Path):
         for row in reader:
             if not row:
                 continue
-            where = f"{path.name} line {reader.line_num}"
             image, _, subtype = row[0].strip().rpartition("_")
-            if len(row) != 2 or not image or subtype not in SUBTYPES:
-                problems.append((row[0], f"malformed label row: {where}: {row!r}"))
+            if len(row) != 2 or not image or subtype not in _BIT:
+                problems.append((row[0], f"malformed label row: {path.name} line {reader.line_num}: {row!r}"))
                 continue
             value = row[1].strip()
             if value not in ("0", "1"):
-                problems.append((image, f"malformed label row: {where}: label {value!r} is not 0 or 1"))
-                seen.setdefault(image, {})["bad"] = 1
+                problems.append((image, f"malformed label row: {path.name} line {reader.line_num}: "
+                                        f"label {value!r} is not 0 or 1"))
+                seen[image] = seen.get(image, 0) | _BAD
                 continue
-            labels = seen.setdefault(image, {})
-            if labels.get(subtype, int(value)) != int(value):
-                labels["conflict"] = 1  # stage_2_train.csv repeats some rows; repeats must agree
-            labels[subtype] = int(value)
+            seen[image] = _add_row(seen.get(image, 0), subtype, value)
     single, outside = {}, Counter()
-    for image, labels in seen.items():
-        if "bad" in labels:
+    for image, state in seen.items():
+        if state & _BAD:
             continue
-        if "conflict" in labels:
-            problems.append((image, "conflicting repeated label rows"))
-            continue
-        missing = [s for s in SUBTYPES if s not in labels]
-        if missing:
-            problems.append((image, f"incomplete labels: no row for {', '.join(missing)}"))
-            continue
-        positive = [k for k, s in enumerate(CLASS_NAMES) if labels[s]]
-        if len(positive) == 1 and labels["any"] != 1:
-            problems.append((image, "inconsistent labels: one subtype positive but 'any' is 0"))
-        elif len(positive) == 1:
-            single[image] = positive[0]
+        label, problem = _classify(state)
+        if problem:
+            problems.append((image, problem))
+        elif label is not None:
+            single[image] = label
         else:
-            outside["no hemorrhage" if not positive else "several subtypes"] += 1
+            several = sum(bool(state & (1 << (6 + k))) for k in range(len(CLASS_NAMES))) > 1
+            outside["several subtypes" if several else "no hemorrhage"] += 1
     return single, problems, outside, set(seen)
 
 
@@ -277,4 +296,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: the loader sent to the workers is then preprocess.ich.load_*, not a
+    # function of __main__ (which other start methods than fork cannot import, and which would change the
+    # resume fingerprint).
+    from preprocess.ich import main as module_main
+
+    sys.exit(module_main())

@@ -214,4 +214,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: the loader sent to the workers is then preprocess.isic.load_*, not a
+    # function of __main__ (which other start methods than fork cannot import, and which would change the
+    # resume fingerprint).
+    from preprocess.isic import main as module_main
+
+    sys.exit(module_main())

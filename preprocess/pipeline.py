@@ -40,7 +40,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -52,7 +52,7 @@ import numpy as np
 from hpcfl.data.shards import MANIFEST, client_file, sha256_of, test_file, write_manifest
 from hpcfl.errors import UsageError
 from hpcfl.io import atomic_path, write_json, write_text
-from preprocess.corrupt import CORRUPTIONS, N_SEVERITIES, corrupt
+from preprocess.corrupt import corrupt
 
 PROGRESS = "progress.json"
 SKIPPED = "skipped.csv"
@@ -152,6 +152,8 @@ def check_plan(plan: Plan) -> None:
     h, w, c = plan.image_shape
     if min(h, w) < 1 or c not in (1, 3):
         raise PipelineError(f"image_shape must be [H, W, 1|3], got {list(plan.image_shape)}")
+    if plan.loader is None and not all(callable(it.source) for it in plan.train + plan.test):
+        raise PipelineError("items with a path as source need a loader")
     ids = [it.id for it in plan.train] + [it.id for it in plan.test]
     if len(set(ids)) != len(ids):
         dup = next(i for i, n in Counter(ids).items() if n > 1)
@@ -174,14 +176,16 @@ def check_plan(plan: Plan) -> None:
     if len(set(names)) != len(names):
         raise PipelineError(f"test corruptions repeat: {names}")
     for c in ([plan.corruption] if plan.corruption else []) + list(plan.test_corruptions):
-        check_corruption(c)
+        check_corruption(c, plan.image_shape)
 
 
-def check_corruption(c: Corruption) -> None:
-    if c.kind not in CORRUPTIONS:
-        raise PipelineError(f"unknown corruption {c.kind!r}; known: {', '.join(sorted(CORRUPTIONS))}")
-    if not 1 <= c.severity <= N_SEVERITIES:
-        raise PipelineError(f"corruption severity must be 1..{N_SEVERITIES}, got {c.severity}")
+def check_corruption(c: Corruption, image_shape) -> None:
+    """Try the corruption on one black image of the plan's shape: an unknown kind or severity (whatever
+    ``preprocess.corrupt`` supports today) fails here, before any work, not in every worker."""
+    try:
+        corrupt(np.zeros((1, *image_shape), np.uint8), c.kind, c.severity, 0, ["probe"])
+    except Exception as e:
+        raise PipelineError(f"corruption {c.kind} severity {c.severity}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -226,10 +230,21 @@ def source_key(source) -> list:
         return [str(source), None, None]
 
 
+@functools.lru_cache(maxsize=None)
+def source_sha(module_name: str) -> str | None:
+    """sha256 of a module's source: edited decoding or corruption code must not reuse old shards."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    return sha256_of(Path(path)) if path and os.path.isfile(path) else None
+
+
 def fingerprint(plan: Plan, job: Job) -> str:
     h = hashlib.sha256()
-    head = {"format": PROGRESS_FORMAT, "loader": describe_callable(plan.loader), "shape": list(plan.image_shape),
-            "compression": plan.compression, "corruption_seed": plan.corruption_seed, "chunk": CHUNK,
+    loader = plan.loader.func if isinstance(plan.loader, functools.partial) else plan.loader
+    code = {m: source_sha(m) for m in sorted({getattr(loader, "__module__", None), corrupt.__module__} - {None})}
+    head = {"format": PROGRESS_FORMAT, "code": code, "loader": describe_callable(plan.loader),
+            "shape": list(plan.image_shape), "compression": plan.compression,
+            "corruption_seed": plan.corruption_seed, "chunk": CHUNK,
             "outputs": [[o.file, o.corruption and o.corruption.as_dict(), o.attrs] for o in job.outputs]}
     h.update(json.dumps(head, sort_keys=True).encode())
     for it in job.items:
@@ -277,15 +292,16 @@ def init_worker(parent_pid: int) -> None:
     """In each worker: leave Ctrl-C to the main process (it stops the pool cleanly) and, on Linux, die with the
     main process, so that a killed run leaves no orphan decoders."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
+    # Only a forked worker is the main process's child (forkserver/spawn workers are the server's).
+    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
         try:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+        if os.getppid() != parent_pid:  # the main process died before prctl took effect
+            os._exit(1)
 
 
 class Decoder:
@@ -311,8 +327,13 @@ class Decoder:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._new_pool()
 
-    def _submit(self, chunk, corruptions):
-        return self.pool.submit(decode_chunk, self.loader, chunk, corruptions, self.seed, self.shape)
+    def _submit(self, chunk, corruptions) -> Future:
+        try:
+            return self.pool.submit(decode_chunk, self.loader, chunk, corruptions, self.seed, self.shape)
+        except BrokenProcessPool as e:  # a worker died since the last result: handled when this chunk is due
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Item, object]]:
         """(item, output images or skip reason) for every item of ``jobs``, in order. Chunks of the next jobs
@@ -599,8 +620,6 @@ def check_common_arguments(args) -> None:
         if args.limit is not None:
             raise PipelineError("--limit cannot be used with --partition official (the partition indexes every "
                                 "row of train.csv)")
-    for c in corruptions_from_args(args)[1]:
-        check_corruption(c)
 
 
 def corruptions_from_args(args) -> tuple[Corruption, list[Corruption]]:

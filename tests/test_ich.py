@@ -241,7 +241,7 @@ def test_cli_errors_are_one_line_with_exit_2(rsna, tmp_path, capsys):
     assert main([str(root), str(tmp_path / "o2"), "--partition", "official"]) == 2
     assert "needs --official-dir" in capsys.readouterr().err
     assert main([str(root), str(tmp_path / "o3"), "--severity", "9"]) == 2
-    assert "severity must be 1..5" in capsys.readouterr().err
+    assert "corruption gaussian severity 9: severity must be in 1..5" in capsys.readouterr().err
     assert main([str(root), str(tmp_path / "o4"), "--clients", "3", "--corrupted", "3"]) == 2
     assert "must be below --clients" in capsys.readouterr().err
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import time
 
 import numpy as np
 import pytest
 
 from hpcfl.data.shards import load_manifest, read_checked, read_shard
 from preprocess.corrupt import corrupt
-from preprocess.pipeline import (PROGRESS, SKIPPED, STOP_AFTER_ENV, Corruption, Item, PipelineError, Plan,
-                                 StopRequested, stratified_split, summary, write_shards)
+from preprocess.pipeline import (PROGRESS, SKIPPED, STOP_AFTER_ENV, Corruption, Decoder, Item, Job, Output,
+                                 PipelineError, Plan, StopRequested, stratified_split, summary, write_shards)
 from tests.fixtures import gradient_image, toy_loader
 
 SIZE = 8
@@ -115,6 +116,19 @@ def test_a_decoder_that_kills_its_process_is_skipped_not_fatal(tmp_path):
     assert sum(c["n"] for c in m["clients"]) == 39 and m["test_sets"][0]["n"] == 7
 
 
+def test_a_crash_while_the_writer_is_busy_is_caught_at_the_next_submission():
+    """Regression: the pool can break between two results; submitting to it then raises at once."""
+    items = [Item(f"i{k:03d}", 0, "crash:x" if k == 20 else f"ok:i{k:03d}") for k in range(160)]
+    job = Job("j", "j", items, [Output("x.h5", None, {})])
+    with Decoder(functools.partial(toy_loader, size=SIZE), (SIZE, SIZE, 1), 0, workers=2) as decoder:
+        results = []
+        for item, result in decoder.run([job]):
+            time.sleep(0.002)  # a slow writer: the worker dies meanwhile
+            results.append((item.id, isinstance(result, str)))
+    assert [i for i, _ in results] == [it.id for it in items]
+    assert [i for i, skipped in results if skipped] == ["i020"]
+
+
 def test_interrupted_run_resumes_with_only_the_missing_shards(written, tmp_path, monkeypatch):
     _, full = written
     out = tmp_path / "out"
@@ -173,7 +187,7 @@ def test_refuses_foreign_directories_and_bad_plans(tmp_path):
         write_shards(plan, tmp_path / "c")
     plan = toy_plan()
     plan.test_corruptions = [Corruption("smudge", 2)]
-    with pytest.raises(PipelineError, match="unknown corruption 'smudge'"):
+    with pytest.raises(PipelineError, match="corruption smudge severity 2: unknown corruption kind 'smudge'"):
         write_shards(plan, tmp_path / "d")
 
 
