@@ -17,6 +17,7 @@ the new checkpoint, whole. No random-number state needs saving: every stream is 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -38,11 +39,15 @@ def save_array(path: Path, array: np.ndarray) -> None:
             np.save(f, array, allow_pickle=False)
 
 
-def load_array(path: Path) -> np.ndarray:
+def load_array(path: Path, size: int | None = None) -> np.ndarray:
+    """A float32 vector saved by ``save_array`` (never unpickled); ``size``: the length it must have."""
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint file ({e})") from None
+    if array.dtype != np.float32 or array.ndim != 1 or (size is not None and array.shape[0] != size):
+        raise CheckpointError(f"{path}: {array.dtype} {tuple(array.shape)}, this model needs float32 ({size},)")
+    return array
 
 
 def staging_dir(run_dir: Path, round_idx: int) -> Path:
@@ -82,9 +87,13 @@ def latest(run_dir: Path) -> Path | None:
         return None
     try:
         info = json.loads(pointer.read_text())
-        directory = run_dir / info["dir"]
+        name = info["dir"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{pointer}: not an hpcfl checkpoint pointer ({e})") from None
+    if not isinstance(name, str) or not re.fullmatch(r"checkpoint-\d{6}", name):
+        raise CheckpointError(f"{pointer}: not an hpcfl checkpoint pointer (dir {name!r} is not a checkpoint of "
+                              "this run directory)")
+    directory = run_dir / name
     if not (directory / "state.json").is_file():
         raise CheckpointError(f"{pointer} points to {directory}, which is missing or incomplete")
     return directory

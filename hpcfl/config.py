@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,8 +167,11 @@ class Config:
         return algorithm_class(self.algorithm.name).default_local_optimizer
 
     def digest(self) -> str:
-        """A hash of the resolved config (for checkpoints and run directories)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A hash of everything that determines the run's numbers (not where it is written, nor [debug]):
+        stored in checkpoints, so a checkpoint is never continued under another config by mistake."""
+        d = {sec: {k: v for k, v in table.items() if (sec, k) not in RESUME_NEUTRAL}
+             for sec, table in self.to_dict().items() if sec != "debug"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -182,6 +186,8 @@ def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
         value = list(value)
     if type(value) is not want:
         raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} ({value!r})")
+    if want is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     m = f.metadata
     if m.get("choices") is not None and value not in m["choices"]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, m['choices']))}")
@@ -201,9 +207,10 @@ def _cross_checks(cfg: Config) -> None:
             f"benchmark.num_corrupted: {b.num_corrupted} must be smaller than benchmark.num_clients ({b.num_clients})")
     if b.num_train < b.num_clients:
         raise ConfigError(f"benchmark.num_train: {b.num_train} is fewer than one image per client ({b.num_clients})")
-    if len(b.class_prior) < 2 or any(not isinstance(p, (int, float)) or p <= 0 for p in b.class_prior):
+    if len(b.class_prior) < 2 or any(type(p) not in (int, float) or not math.isfinite(p) or p <= 0
+                                     for p in b.class_prior):
         raise ConfigError("benchmark.class_prior: needs at least 2 positive numbers")
-    if any(not isinstance(s, int) or not 1 <= s <= 5 for s in b.test_severities):
+    if any(type(s) is not int or not 1 <= s <= 5 for s in b.test_severities):
         raise ConfigError(f"benchmark.test_severities: {b.test_severities!r} must be integers in 1..5")
     from hpcfl.algorithms import algorithm_class  # late: algorithms import nothing from here
 
@@ -213,6 +220,11 @@ def _cross_checks(cfg: Config) -> None:
                           f"(its variants: {', '.join(algo.variants)})")
     if cfg.algorithm.q < 0 and cfg.algorithm.q != -1.0:
         raise ConfigError(f"algorithm.q: {cfg.algorithm.q!r} must be -1 (the method's default) or >= 0")
+    if cfg.model.pretrained_path:
+        if cfg.model.name == "cnn":
+            raise ConfigError("model.pretrained_path: the small CNN has no pretrained weights (use a torchvision model)")
+        if not Path(cfg.model.pretrained_path).is_file():
+            raise ConfigError(f"model.pretrained_path: no such file {cfg.model.pretrained_path}")
     phases = ("data", "broadcast", "statistics", "local training", "cosines", "weights", "aggregation",
               "evaluation", "checkpoint")
     if cfg.debug.fail_at:

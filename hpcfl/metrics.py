@@ -40,8 +40,12 @@ def _metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
         # float64 and renormalised: sklearn checks that every row sums to 1.
         p = probs.astype(np.float64)
         p /= p.sum(axis=1, keepdims=True)
-        out["auc"] = float(roc_auc_score(y_true, p, multi_class="ovo", average="macro", labels=labels))
-        out["auc_weighted"] = float(roc_auc_score(y_true, p, multi_class="ovr", average="weighted", labels=labels))
+        if probs.shape[1] == 2:  # binary: both averages are the one ROC AUC
+            out["auc"] = out["auc_weighted"] = float(roc_auc_score(y_true, p[:, 1]))
+        else:
+            out["auc"] = float(roc_auc_score(y_true, p, multi_class="ovo", average="macro", labels=labels))
+            out["auc_weighted"] = float(roc_auc_score(y_true, p, multi_class="ovr", average="weighted",
+                                                      labels=labels))
     out["confusion"] = confusion_matrix(y_true, pred, labels=labels).tolist()
     return out
 

@@ -248,7 +248,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     test_sets = {}
     if comm.is_server:
         for entry in manifest["test_sets"]:
-            shard = read_checked(data_dir, entry, num_classes)
+            shard = read_checked(data_dir, entry, num_classes, manifest["image_shape"])
             test_sets[entry["name"]] = (torch.from_numpy(shard.images), shard.labels)
 
     # Where to start: round 0, or after the last checkpoint.
@@ -260,7 +260,7 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         resume = np.zeros(num_clients + 1)
         if comm.is_server:
             state = checkpoint.load_state(ckpt_dir)
-            global_vec[:] = checkpoint.load_array(ckpt_dir / "global.npy")
+            global_vec[:] = checkpoint.load_array(ckpt_dir / "global.npy", layout.size)
             algorithm.load_state_dict(state["algorithm"])
             lines = state["metrics"]
             resume[0], resume[1:] = state["round"] + 1, state["prev_weights"]
@@ -268,7 +268,8 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         start, prev_weights = int(resume[0]), resume[1:].copy()
         if algorithm.keeps_local_model:
             directory = out_dir / f"checkpoint-{start - 1:06d}"
-            prev_local = {cid: checkpoint.load_array(checkpoint.client_path(directory, cid)) for cid in my_clients}
+            prev_local = {cid: checkpoint.load_array(checkpoint.client_path(directory, cid), layout.size)
+                          for cid in my_clients}
         log.info("resuming %s after round %d", out_dir, start)
 
     runlog = None

@@ -67,6 +67,11 @@ def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> tu
     if info_path.is_file() and "finished" in json.loads(info_path.read_text()) and not differences:
         return COMPLETE, None
     ckpt = checkpoint.latest(out_dir)
+    if ckpt is not None and not force:
+        stored_digest = checkpoint.load_state(ckpt).get("config_digest")
+        if stored_digest != cfg.digest():
+            raise UsageError(f"{ckpt / 'state.json'} was written under another config than {stored} holds now "
+                             "(--force resumes anyway, --overwrite starts afresh)")
     if ckpt is None:
         log.info("%s holds an unfinished run without a checkpoint: starting it again", out_dir)
         return FRESH, None
@@ -118,7 +123,7 @@ def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: f
     """A client's training part and its held-out validation part (None when ``val_fraction`` is 0).
 
     The split is a permutation keyed by (seed, client): the same whichever rank hosts the client."""
-    shard = read_checked(directory, manifest["clients"][client_id], manifest["num_classes"])
+    shard = read_checked(directory, manifest["clients"][client_id], manifest["num_classes"], manifest["image_shape"])
     images, labels = torch.from_numpy(shard.images), torch.from_numpy(shard.labels)
     n_val = validation_count(len(labels), val_fraction)
     order = np.random.default_rng([seed, client_id, 7]).permutation(len(labels)) if n_val else np.arange(len(labels))

@@ -31,6 +31,29 @@ def _start(n, run_dir, data_cache, extra=()):
                             start_new_session=True)
 
 
+def _checkpointed_round(run_dir) -> int:
+    try:
+        return json.loads((run_dir / "checkpoint.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _kill_mid_run(proc, run_dir, rng) -> bool:
+    """kill -9 the whole job at a random moment after a random round's checkpoint (or anywhere before the
+    first one); False if it finished first."""
+    target = rng.randint(-1, 3)
+    deadline = time.time() + 120
+    while proc.poll() is None and _checkpointed_round(run_dir) < target and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.5))
+    if proc.poll() is not None:
+        proc.communicate()
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    return True
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_cache):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
@@ -46,14 +69,9 @@ def test_kill_9_at_random_moments_then_resume_is_bitwise_identical(reference, tm
         kills = 0
         for _ in range(8):
             proc = _start(3, run_dir, data_cache)
-            if kills < 2:
-                try:
-                    proc.wait(timeout=rng.uniform(6.0, 14.0))
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    kills += 1
-                    continue
+            if kills < 2 and _kill_mid_run(proc, run_dir, rng):
+                kills += 1
+                continue
             out, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err[-3000:]
             break

@@ -83,6 +83,8 @@ def read_shard(path: str | Path) -> Shard:
             attrs = {k: json.loads(v) for k, v in f.attrs.items()}
     except (OSError, KeyError) as e:
         raise ShardError(f"{path}: not a readable hpcfl shard ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ShardError(f"{path}: images are {images.dtype} {tuple(images.shape)}, expected uint8 [n, H, W, C]")
     return Shard(images, labels.astype(np.int64), ids, attrs)
 
 
@@ -109,7 +111,7 @@ def load_manifest(directory: str | Path) -> dict:
     return m
 
 
-def read_checked(directory: str | Path, entry: dict, num_classes: int) -> Shard:
+def read_checked(directory: str | Path, entry: dict, num_classes: int, image_shape=None) -> Shard:
     """Read the shard a manifest entry names and check it against the entry (sha256, size, labels)."""
     path = Path(directory) / entry["file"]
     if not path.is_file():
@@ -119,6 +121,9 @@ def read_checked(directory: str | Path, entry: dict, num_classes: int) -> Shard:
     shard = read_shard(path)
     if len(shard.labels) != entry["n"]:
         raise ShardError(f"{path}: {len(shard.labels)} images, the manifest says {entry['n']}")
+    if image_shape is not None and len(shard.labels) and list(shard.images.shape[1:]) != list(image_shape):
+        raise ShardError(f"{path}: images of shape {list(shard.images.shape[1:])}, the manifest's image_shape is "
+                         f"{list(image_shape)}")
     if len(shard.labels) and (shard.labels.min() < 0 or shard.labels.max() >= num_classes):
         raise ShardError(f"{path}: labels outside 0..{num_classes - 1}")
     return shard
