@@ -165,6 +165,9 @@ class MPIComm(Comm):
     def abort(self, code=1):
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards a rank's output through a proxy that Abort kills: give it a moment to pass on
+        # the message that says why (without this the message was sometimes lost).
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
