@@ -63,6 +63,10 @@ class DataConfig:
                                                          "metrics (0: none)")
 
 
+# preprocess/corrupt.py's registry (a test keeps the two equal)
+CORRUPTION_KINDS = ("gaussian", "blur", "poisson", "jpeg", "downsample", "contrast")
+
+
 @dataclass
 class BenchmarkConfig:
     """The built-in quality-shift benchmark (preprocess/synthetic.py); used when data.source = 'builtin'."""
@@ -74,7 +78,8 @@ class BenchmarkConfig:
     image_size: int = _opt(32, lo=16, hi=512, doc="side of the square grayscale images, in pixels")
     class_prior: list = _opt([0.022, 0.205, 0.13, 0.215, 0.428], doc="class frequencies (ICH's, §6.1)")
     alpha: float = _opt(1.0, lo=0.0, lo_open=True, doc="Dirichlet concentration of the partition (§6.4)")
-    corruption: str = _opt("gaussian", choices=("gaussian",), doc="quality shift of the corrupted clients")
+    corruption: str = _opt("gaussian", choices=CORRUPTION_KINDS,
+                           doc="quality shift of the corrupted clients and test copies (docs/corruptions.md)")
     severity: int = _opt(3, lo=1, hi=5, doc="corruption severity of the corrupted clients (3: sigma 0.18)")
     test_severities: list = _opt([3], doc="severities 1..5 of the corrupted test copies (test sets gaussian_<s>)")
     seed: int = _opt(2024, lo=0, doc="seed of images, partition and corruption")

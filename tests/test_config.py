@@ -80,3 +80,10 @@ def test_toml_writer_escapes_strings():
 def test_configuration_reference_is_current():
     """docs/configuration.md is generated from the dataclasses; regenerate with python -m hpcfl.config."""
     assert (REPO / "docs" / "configuration.md").read_text() == config.reference_markdown()
+
+
+def test_benchmark_corruptions_are_those_of_the_registry():
+    from preprocess.corrupt import CORRUPTIONS
+
+    assert config.CORRUPTION_KINDS == tuple(CORRUPTIONS)
+    assert config.load(None, ["benchmark.corruption=blur"]).benchmark.corruption == "blur"
