@@ -65,17 +65,17 @@ __all__ = [
 # Noise standard deviation in [0, 1] intensity space for severities 1..5 (the reference's, §6.5).
 GAUSSIAN_SIGMAS = (0.08, 0.12, 0.18, 0.26, 0.38)
 # Blur standard deviation in pixels *of a 224-pixel image*; an image of side S uses sigma * S / 224, so the
-# same severity blurs the same anatomy at every benchmark resolution (0.875 px at severity 3 on 32 px).
-BLUR_SIGMAS = (2.0, 4.0, 6.0, 8.0, 11.0)
+# same severity blurs the same anatomy at every benchmark resolution (1.14 px at severity 3 on 32 px).
+BLUR_SIGMAS = (3.0, 5.0, 8.0, 11.0, 15.0)
 BLUR_REFERENCE_SIDE = 224
 # Photons at full white (x = 1): lambda = x * peak; fewer photons, more noise (relative noise 1/sqrt(x*peak)).
-POISSON_PEAKS = (60.0, 30.0, 15.0, 8.0, 4.0)
+POISSON_PEAKS = (80.0, 40.0, 20.0, 10.0, 5.0)
 # PIL JPEG quality (1..95; PIL's default is 75).
-JPEG_QUALITIES = (30, 20, 12, 8, 5)
+JPEG_QUALITIES = (20, 10, 5, 3, 1)
 # Side reduction factor: S -> round(S / factor) and back to S.
-DOWNSAMPLE_FACTORS = (1.5, 2.0, 3.0, 4.0, 6.0)
+DOWNSAMPLE_FACTORS = (1.5, 2.0, 2.5, 3.0, 4.0)
 # Fraction of the contrast kept around the per-channel mean (1 would be the identity).
-CONTRAST_FACTORS = (0.5, 0.35, 0.25, 0.15, 0.08)
+CONTRAST_FACTORS = (0.6, 0.45, 0.35, 0.2, 0.1)
 
 SEVERITIES: dict[str, tuple] = {
     "gaussian": GAUSSIAN_SIGMAS,
