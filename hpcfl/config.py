@@ -80,7 +80,8 @@ class BenchmarkConfig:
     alpha: float = _opt(1.0, lo=0.0, lo_open=True, doc="Dirichlet concentration of the partition (§6.4)")
     corruption: str = _opt("gaussian", choices=CORRUPTION_KINDS,
                            doc="quality shift of the corrupted clients and test copies (docs/corruptions.md)")
-    severity: int = _opt(3, lo=1, hi=5, doc="corruption severity 1..5 of the corrupted clients (gaussian 3: sigma 0.18)")
+    severity: int = _opt(3, lo=1, hi=5,
+                         doc="corruption severity 1..5 of the corrupted clients (gaussian 3: sigma 0.18)")
     test_severities: list = _opt([3], doc="severities 1..5 of the corrupted test copies (test sets <corruption>_<s>)")
     seed: int = _opt(2024, lo=0, doc="seed of images, partition and corruption")
 

@@ -283,8 +283,8 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         if mode == RESUME:
             previous = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
             info["started"] = previous.get("started", info["started"])
-            info["resumed"] = previous.get("resumed", []) + [{"round": start, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                              "world_size": comm.size}]
+            this_resume = {"round": start, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": comm.size}
+            info["resumed"] = previous.get("resumed", []) + [this_resume]
         write_json(out_dir / "run.json", info)
         runlog = RunLog(out_dir, lines)
         log.info("world size %d, %d clients (corrupted: %s), P = %d parameters, data %s", comm.size, num_clients,
