@@ -91,6 +91,8 @@ class ModelConfig:
     name: str = _opt("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"),
                     doc="small CNN for CPU runs, or a torchvision backbone with a new head")
     width: int = _opt(32, lo=1, doc="channels of the small CNN's first block (doubles per block)")
+    cnn_norm: str = _opt("group", choices=("group", "batch"),
+                         doc="normalisation layers of the small CNN (torchvision backbones keep BatchNorm); docs/results.md says why group")
     pretrained_path: str = _opt("", doc="local state_dict file with ImageNet weights (never downloaded)")
 
 

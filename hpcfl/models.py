@@ -5,21 +5,36 @@ Pretrained weights come only from a local file (``model.pretrained_path``); noth
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
-class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU-pool blocks (width, 2·width, 4·width channels), global average pool, linear head."""
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":  # 8 groups where the channels allow it; no running statistics to go stale
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    raise ValueError(f"model.cnn_norm: unknown normalisation {kind!r} (known: group, batch)")
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+
+class SmallCNN(nn.Module):
+    """Three conv-norm-ReLU-pool blocks (width, 2·width, 4·width channels), global average pool, linear head.
+
+    ``norm="group"`` (the default) uses GroupNorm. With BatchNorm, clients whose images are all corrupted
+    normalise their batches with their own statistics in training, while the global model's averaged running
+    statistics serve every input at test time; on the built-in benchmark that mismatch alone put the corrupted
+    test set at chance (docs/results.md).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, norm: str = "group"):
         super().__init__()
         layers, c = [], in_channels
         for k in range(3):
             w = width * 2 ** k
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), _norm_layer(norm, w), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*layers)
@@ -43,11 +58,11 @@ def input_channels(model_name: str, data_channels: int) -> int:
 
 
 def build_model(name: str, num_classes: int, data_channels: int, width: int = 32,
-                pretrained_path: str = "") -> nn.Module:
+                pretrained_path: str = "", cnn_norm: str = "group") -> nn.Module:
     if name == "cnn":
         if pretrained_path:
             raise ValueError("model.pretrained_path: the small CNN has no pretrained weights")
-        return SmallCNN(data_channels, num_classes, width)
+        return SmallCNN(data_channels, num_classes, width, cnn_norm)
     if name not in _TORCHVISION:
         raise ValueError(f"model.name: unknown model {name!r} (known: cnn, {', '.join(_TORCHVISION)})")
     import torchvision

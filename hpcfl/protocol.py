@@ -232,7 +232,8 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     # The initial model w^0 is made on the server from the run seed and broadcast; other ranks' initial values
     # are overwritten by the first broadcast.
     torch.manual_seed(stream_seed(cfg.run.seed, -1, -1, "init"))
-    model = build_model(cfg.model.name, num_classes, data_channels, cfg.model.width, cfg.model.pretrained_path)
+    model = build_model(cfg.model.name, num_classes, data_channels, cfg.model.width, cfg.model.pretrained_path,
+                        cfg.model.cnn_norm)
     layout = FlatLayout(model)
     global_vec = layout.to_vector(model) if comm.is_server else layout.empty()
     model.to(device)
