@@ -11,7 +11,7 @@ from hpcfl.models import build_model
 
 def test_layout_round_trip_and_integer_buffers():
     torch.manual_seed(0)
-    model = build_model("cnn", 5, 1, width=4)
+    model = build_model("cnn", 5, 1, width=4, cnn_norm="batch")  # BatchNorm: float and integer buffers
     layout = FlatLayout(model)
     n_float = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
     assert layout.size == n_float
@@ -20,7 +20,7 @@ def test_layout_round_trip_and_integer_buffers():
 
     vec = layout.to_vector(model)
     assert vec.dtype == np.float32
-    other = build_model("cnn", 5, 1, width=4)
+    other = build_model("cnn", 5, 1, width=4, cnn_norm="batch")
     for name in layout.int_buffers:
         other.state_dict()[name].fill_(7)
     layout.load_vector(other, vec)

@@ -69,3 +69,16 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
         build_model("resnet18", 5, 3, pretrained_path=str(tmp_path / "foreign.pth"))
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_model("cnn", 5, 1, pretrained_path=str(path))
+
+
+def test_small_cnn_normalisation_is_chosen_by_cnn_norm():
+    from torch import nn
+
+    group = build_model("cnn", 5, 1, width=16)  # the default: GroupNorm, no running statistics to average
+    batch = build_model("cnn", 5, 1, width=16, cnn_norm="batch")
+    assert [m.num_groups for m in group.modules() if isinstance(m, nn.GroupNorm)] == [8, 8, 8]
+    assert not list(group.buffers())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in batch.modules()) == 3
+    assert group(torch.zeros(2, 1, 32, 32)).shape == (2, 5)
+    with pytest.raises(ValueError, match="cnn_norm"):
+        build_model("cnn", 5, 1, cnn_norm="layer")

@@ -54,9 +54,10 @@ def test_gsam_with_alpha_zero_is_sam():
 def test_second_pass_leaves_batchnorm_running_statistics_as_one_plain_forward():
     torch.manual_seed(0)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
-    sam_model = build_model("cnn", 3, 1, width=4)
-    plain = build_model("cnn", 3, 1, width=4)
+    sam_model = build_model("cnn", 3, 1, width=4, cnn_norm="batch")
+    plain = build_model("cnn", 3, 1, width=4, cnn_norm="batch")
     plain.load_state_dict(sam_model.state_dict())
+    assert sum("running" in name for name, _ in sam_model.named_buffers()) == 6
     sam_model.train(), plain.train()
     sam_step(sam_model, lambda m: F.cross_entropy(m(x), y), torch.optim.SGD(sam_model.parameters(), lr=0.0), 0.5, 0.1)
     with torch.no_grad():
