@@ -57,6 +57,21 @@ def test_augmentation_limits_reduce_to_identity_and_flip():
     assert torch.equal(random_affine_flip(x, g, degrees=0, translate=0, flip_p=1.0), x.flip(-1))
 
 
+def test_broadcast_affine_grid_matches_torch_affine_grid():
+    import torch.nn.functional as F
+
+    from hpcfl.data.transforms import affine_grid
+
+    theta = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(0)) * 0.2 + torch.eye(2, 3)
+    for h, w in ((7, 7), (40, 48), (224, 224)):
+        ref = F.affine_grid(theta, [16, 1, h, w], align_corners=False)
+        torch.testing.assert_close(affine_grid(theta, h, w), ref, rtol=0, atol=1e-6)
+        x = torch.rand(16, 1, h, w)
+        same = F.grid_sample(x, affine_grid(theta, h, w), mode="nearest", align_corners=False) == \
+            F.grid_sample(x, ref, mode="nearest", align_corners=False)
+        assert same.float().mean() > 0.999  # nearest neighbours differ only where a coordinate sits on a tie
+
+
 def test_augmentation_translation_is_whole_pixels():
     # with translate large enough, a shifted image equals a rolled one inside the valid region
     x = torch.rand(64, 1, 20, 20)
