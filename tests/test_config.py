@@ -87,3 +87,9 @@ def test_benchmark_corruptions_are_those_of_the_registry():
 
     assert config.CORRUPTION_KINDS == tuple(CORRUPTIONS)
     assert config.load(None, ["benchmark.corruption=blur"]).benchmark.corruption == "blur"
+
+
+def test_reference_config_holds_the_papers_training_settings():
+    cfg = config.load(REPO / "configs" / "reference.toml")
+    assert (cfg.model.name, cfg.train.lr, cfg.train.batch_size, cfg.run.rounds) == ("resnet18", 3e-4, 32, 300)
+    assert (cfg.benchmark.severity, cfg.benchmark.test_severities) == (3, [3])

@@ -53,16 +53,18 @@ def test_run_directory_contents_and_progress_lines(equal_runs):
     first = lines[0]
     assert set(first) >= {"round", "algorithm", "metrics", "weights", "time_s"}
     assert first["algorithm"] == "fedavg"
-    assert set(first["metrics"]) == {"clean", "gaussian_3"}
+    assert set(first["metrics"]) == {"clean", "gaussian_2"}  # configs/default.toml: severity 2
     assert set(first["metrics"]["clean"]) == {"bacc", "auc", "acc", "f1", "f1_weighted", "auc_weighted",
                                               "confusion"}
-    assert set(first["gap"]) == {"gaussian_3"}
+    assert set(first["gap"]) == {"gaussian_2"}
     assert len(first["weights"]) == 20 and sum(first["weights"]) == pytest.approx(1.0)
+    for line in lines:  # each client rank's own compute time, within the round's time
+        assert len(line["rank_compute_s"]) == 5 and 0 < max(line["rank_compute_s"]) <= line["time_s"]
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 6 and sorted(sum(info["assignment"].values(), [])) == list(range(20))
     assert set(info["assignment"]) == {"1", "2", "3", "4", "5"}
     assert "rounds = 3" in (run / "config.toml").read_text()
-    assert info["corrupted_clients"] == [16, 17, 18, 19] and info["test_sets"] == ["clean", "gaussian_3"]
+    assert info["corrupted_clients"] == [16, 17, 18, 19] and info["test_sets"] == ["clean", "gaussian_2"]
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("round,algorithm,clean_bacc")
     assert all((run / "logs" / f"rank_{r}.log").is_file() for r in range(6))
     assert "[rank 3]" in (run / "logs" / "rank_3.log").read_text()
@@ -113,3 +115,14 @@ def test_server_memory_does_not_grow_with_the_number_of_clients(tmp_path, data_c
         params_mb = info["num_parameters"] * 4 / 2 ** 20
     assert params_mb > 8
     assert rss[16] - rss[4] < 0.25 * 12 * params_mb, (rss, params_mb)
+
+
+def test_gpu_options_run_end_to_end_on_cpu(tmp_path, data_cache):
+    # bf16 autocast and channels_last are meant for GPUs, but take the same code path on the CPU
+    run = tmp_path / "opts"
+    proc = launch(1, ["--out", str(run), *sets(*TINY, f"data.cache_dir={data_cache}", "run.rounds=2",
+                                                "train.amp=bf16", "train.channels_last=true")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = read_metrics(run)
+    assert len(lines) == 2 and all(np.isfinite(line["train_loss"]) for line in lines)
+    assert all(len(line["rank_compute_s"]) == 1 for line in lines)  # single-rank mode: rank 0 hosts everyone
