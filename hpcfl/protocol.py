@@ -237,14 +237,19 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
     layout = FlatLayout(model)
     global_vec = layout.to_vector(model) if comm.is_server else layout.empty()
     model.to(device)
-    transform = BatchTransform(input_channels(cfg.model.name, data_channels), device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    transform = BatchTransform(input_channels(cfg.model.name, data_channels), device, cfg.train.channels_last)
+    # Local training may run a compiled view of the same modules (same parameters); the rest uses the model.
+    train_model = model if cfg.train.compile == "off" else torch.compile(model, mode=cfg.train.compile)
     algorithm = build_algorithm(cfg)
 
     enter("data")
     clients, val_parts = {}, {}
     for cid in my_clients:
         where.client = cid
-        clients[cid], val_parts[cid] = load_client(data_dir, manifest, cid, cfg.data.val_fraction, cfg.run.seed)
+        clients[cid], val_parts[cid] = load_client(data_dir, manifest, cid, cfg.data.val_fraction, cfg.run.seed,
+                                                   device)
     where.client = None
     test_sets = {}
     if comm.is_server:
@@ -329,15 +334,18 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         # 2. statistics at w^t, only those the algorithm asks for this round
         stat_names = algorithm.stats_before(t)
         stats: dict[str, np.ndarray] = {}
+        compute_s = np.zeros(num_clients)  # seconds of statistics + local training per hosted client
         if stat_names:
             enter("statistics")
             table = np.zeros((num_clients, len(stat_names)))
             for cid in my_clients:
                 where.client = cid
+                t_client = time.perf_counter()
                 table[cid] = measure(stat_names, StatsContext(
                     model, layout, clients[cid], transform, global_vec,
                     generator(cfg.run.seed, cid, t, "stats") if cfg.algorithm.stats_augment else None,
                     cfg.eval.batch_size, rho, prev_local.get(cid), prev_weights[cid]))
+                compute_s[cid] += time.perf_counter() - t_client
             where.client = None
             comm.reduce_sum(table, table)
             stats = {name: table[:, k] for k, name in enumerate(stat_names)}
@@ -345,19 +353,22 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         # 3. local training, each hosted client from w^t
         where.phase = "local training"
         trained: dict[int, np.ndarray] = {}
-        train_table = np.zeros((num_clients, 4))  # [mean train loss, steps, max |w_i|, ‖w_i − w^t‖² (params)]
+        # [mean train loss, steps, max |w_i|, ‖w_i − w^t‖² (params), compute seconds]
+        train_table = np.zeros((num_clients, 5))
         for cid in my_clients:
             where.client = cid
             enter("local training")
+            t_client = time.perf_counter()
             layout.load_vector(model, global_vec)
             torch.manual_seed(stream_seed(cfg.run.seed, cid, t, "train"))  # dropout etc., if a model has it
-            loss, steps = train_client(model, clients[cid], cfg.train, transform,
+            loss, steps = train_client(train_model, clients[cid], cfg.train, transform,
                                        generator(cfg.run.seed, cid, t, "train"), local_optimizer, rho)
             trained[cid] = layout.to_vector(model)
             if cfg.debug.nan_at == f"{cid}:{t}":
                 trained[cid][0] = np.nan
             update = (trained[cid] - global_vec)[layout.param_mask]
-            train_table[cid] = (loss, steps, np.abs(trained[cid]).max(), float(np.dot(update, update)))
+            compute_s[cid] += time.perf_counter() - t_client
+            train_table[cid] = (loss, steps, np.abs(trained[cid]).max(), float(np.dot(update, update)), compute_s[cid])
         where.client = None
         local_bad = {cid for cid in my_clients if not np.isfinite(train_table[cid]).all()}
         comm.reduce_sum(train_table, train_table)
@@ -433,6 +444,8 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
                     line["clients"] = {"bacc": client_table[:, 0].tolist(), "acc": client_table[:, 1].tolist()}
                     line["client_summary"] = {k: client_summary(client_table[:, j], corrupted)
                                               for j, k in enumerate(("bacc", "acc"))}
+                # where the round's time went: each client rank's own computing, the rest is protocol and waiting
+                line["rank_compute_s"] = [float(train_table[group, 4].sum()) for group in assignment]
                 line.update(time_s=time.time() - t_round, elapsed_s=time.time() - t_start)
                 # Under MPI the server would otherwise sit idle while the clients train the next round: it tests
                 # w^{t+1} then (before a checkpoint or at the end at the latest). Alone, it tests it now.

@@ -118,11 +118,13 @@ def validation_count(n: int, fraction: float) -> int:
     return min(int(round(n * fraction)), n - 1) if fraction > 0 else 0
 
 
-def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: float, seed: int
-                ) -> tuple[ClientData, ClientData | None]:
+def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: float, seed: int,
+                device: torch.device | str = "cpu") -> tuple[ClientData, ClientData | None]:
     """A client's training part and its held-out validation part (None when ``val_fraction`` is 0).
 
-    The split is a permutation keyed by (seed, client): the same whichever rank hosts the client."""
+    The split is a permutation keyed by (seed, client): the same whichever rank hosts the client. On a GPU the
+    training images are held on the device (uint8: about 50 MB per ICH client at 224 px), so batches are cut
+    and augmented there without a host-to-device copy per step."""
     shard = read_checked(directory, manifest["clients"][client_id], manifest["num_classes"], manifest["image_shape"])
     images, labels = torch.from_numpy(shard.images), torch.from_numpy(shard.labels)
     n_val = validation_count(len(labels), val_fraction)
@@ -134,4 +136,7 @@ def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: f
         counts = np.bincount(part_labels.numpy(), minlength=manifest["num_classes"])
         return ClientData(client_id, images[idx], part_labels, counts)
 
-    return part(train_idx), (part(val_idx) if n_val else None)
+    train = part(train_idx)
+    if torch.device(device).type == "cuda":
+        train = ClientData(client_id, train.images.to(device), train.labels.to(device), train.class_counts)
+    return train, (part(val_idx) if n_val else None)

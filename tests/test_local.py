@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from hpcfl.config import TrainConfig
 from hpcfl.data.transforms import BatchTransform, random_affine_flip
+from hpcfl.flat import FlatLayout
 from hpcfl.local.losses import ABSENT_CLASS_LOG_PRIOR, log_prior, logit_adjusted_ce
 from hpcfl.local.trainer import ClientData, batches, train_client
 from hpcfl.models import build_model
@@ -123,3 +125,42 @@ def test_local_training_is_deterministic_and_learns(optimizer):
     cfg_more = TrainConfig(optimizer=optimizer, lr=cfg.lr, batch_size=8, local_epochs=15, augment=False)
     loss, _ = train_client(model, data, cfg_more, BatchTransform(1), torch.Generator().manual_seed(1))
     assert loss < 0.9 * math.log(3)
+
+
+def _train_once(cfg, model_fn, transform, local_optimizer="plain"):
+    torch.manual_seed(0)
+    base = build_model("cnn", 3, 1, width=4, cnn_norm="batch")
+    model = model_fn(base)
+    loss, steps = train_client(model, _client(), cfg, transform, torch.Generator().manual_seed(1), local_optimizer,
+                               0.05)
+    return base, loss, steps
+
+
+def test_compiled_model_trains_like_the_eager_one_with_gsam():
+    # protocol.py hands train_client torch.compile(model) when train.compile is set; the aot_eager backend runs
+    # the same tracing (dynamo + autograd graphs, BatchNorm momentum switched between GSAM's passes) without a
+    # C++ compiler, so the check stays seconds long
+    cfg = TrainConfig(lr=0.01, batch_size=8, local_epochs=2)
+    eager, loss_e, steps_e = _train_once(cfg, lambda m: m, BatchTransform(1), "gsam")
+    compiled, loss_c, steps_c = _train_once(cfg, lambda m: torch.compile(m, backend="aot_eager"), BatchTransform(1),
+                                            "gsam")
+    assert steps_c == steps_e == 10
+    assert loss_c == pytest.approx(loss_e, rel=1e-4)
+    layout = FlatLayout(eager)
+    np.testing.assert_allclose(layout.to_vector(compiled), layout.to_vector(eager), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_and_channels_last_train_close_to_float32():
+    cfg = TrainConfig(lr=0.01, batch_size=8, local_epochs=2)
+    ref, loss_ref, _ = _train_once(cfg, lambda m: m, BatchTransform(1))
+    last, loss_last, _ = _train_once(dataclasses.replace(cfg, channels_last=True),
+                                     lambda m: m.to(memory_format=torch.channels_last),
+                                     BatchTransform(1, channels_last=True))
+    assert BatchTransform(1, channels_last=True)(_client().images[:2]).is_contiguous(
+        memory_format=torch.channels_last)
+    layout = FlatLayout(ref)  # the flat vector is in logical order whatever the memory format
+    np.testing.assert_allclose(layout.to_vector(last), layout.to_vector(ref), rtol=1e-3, atol=1e-4)
+    assert loss_last == pytest.approx(loss_ref, rel=1e-4)
+    bf16, loss_bf16, _ = _train_once(dataclasses.replace(cfg, amp="bf16"), lambda m: m, BatchTransform(1))
+    assert np.isfinite(loss_bf16) and loss_bf16 != loss_ref  # autocast really ran in bf16 ...
+    assert loss_bf16 == pytest.approx(loss_ref, rel=0.05)  # ... and still trains the same model

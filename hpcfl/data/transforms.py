@@ -63,7 +63,7 @@ def random_affine_flip(x: torch.Tensor, generator: torch.Generator, degrees: flo
 class BatchTransform:
     """uint8 [B, H, W, C] -> normalised float [B, C', H, W] on ``device`` (C' = the model's input channels)."""
 
-    def __init__(self, model_channels: int, device: torch.device | str = "cpu"):
+    def __init__(self, model_channels: int, device: torch.device | str = "cpu", channels_last: bool = False):
         self.channels = model_channels
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if model_channels == 3 else (GRAY_MEAN, GRAY_STD)
         if model_channels not in (1, 3):
@@ -73,6 +73,7 @@ class BatchTransform:
         self.shift = (-torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)).float() \
             .to(device).view(1, -1, 1, 1)
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images_u8: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images_u8.to(self.device).permute(0, 3, 1, 2).float()  # 0..255; the zero fill of the affine is black
@@ -82,4 +83,5 @@ class BatchTransform:
             if x.shape[1] != 1:
                 raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {self.channels}-channel model")
             x = x.expand(-1, self.channels, -1, -1)
-        return torch.addcmul(self.shift, x, self.scale)  # one pass writes the (expanded) output
+        out = torch.addcmul(self.shift, x, self.scale)  # one pass writes the (expanded) output
+        return out.contiguous(memory_format=self.memory_format)

@@ -57,9 +57,13 @@ def train_client(model: torch.nn.Module, data: ClientData, train_cfg, transform:
     opt = make_optimizer(model.parameters(), train_cfg)
     prior = log_prior(data.class_counts).to(device)
 
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=train_cfg.amp == "bf16")
+
     def loss_on(x, y):
         def loss_fn(m):
-            logits = m(x)
+            with autocast:
+                logits = m(x)
+            logits = logits.float()  # the loss (and its softmax) in float32 under bf16 autocast too
             if train_cfg.logit_adjust:
                 return logit_adjusted_ce(logits, y, prior, train_cfg.tau)
             return torch.nn.functional.cross_entropy(logits, y)
