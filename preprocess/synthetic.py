@@ -1,6 +1,6 @@
 """The built-in quality-shift benchmark: procedurally generated CT-like images, partitioned like the paper.
 
-``python -m preprocess.synthetic OUT_DIR [--set benchmark.key=value ...]`` writes the shards; ``hpcfl.run``
+``python -m preprocess.synthetic OUT_DIR [--set benchmark.key=value ...] [--workers K]`` writes the shards; ``hpcfl.run``
 builds the same thing on first use (``data.source = "builtin"``) under ``data.cache_dir``.
 
 Recipe (each step deterministic from ``benchmark.seed``):
@@ -54,9 +54,24 @@ def sorted_labels(n: int, prior) -> np.ndarray:
     return np.repeat(np.arange(len(prior)), class_counts_from_prior(n, prior))
 
 
-def build(out_dir: str | Path, bench) -> Path:
+def render_parallel(labels: np.ndarray, size: int, seed: int, start_index: int = 0, workers: int = 1) -> np.ndarray:
+    """``render_images`` over ``workers`` processes, in chunks; the same bytes (every image has its own stream)."""
+    if workers <= 1 or len(labels) < 2 * workers:
+        return render_images(labels, size, seed, start_index)
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = np.linspace(0, len(labels), 4 * workers + 1).astype(int)
+    with ProcessPoolExecutor(workers) as pool:
+        chunks = pool.map(render_images, [labels[a:b] for a, b in zip(bounds, bounds[1:])],
+                          [size] * (len(bounds) - 1), [seed] * (len(bounds) - 1),
+                          [start_index + a for a in bounds[:-1]])
+        return np.concatenate(list(chunks))
+
+
+def build(out_dir: str | Path, bench, workers: int = 1) -> Path:
     """Write the benchmark's shards and manifest into ``out_dir`` (built in a temporary directory, then renamed,
-    so an interrupted build never leaves a directory that looks complete)."""
+    so an interrupted build never leaves a directory that looks complete). ``workers`` > 1 renders the images in
+    that many processes (the result is the same)."""
     out_dir = Path(out_dir)
     num_classes = len(bench.class_prior)
     if num_classes > len(CLASS_NAMES):
@@ -70,8 +85,8 @@ def build(out_dir: str | Path, bench) -> Path:
         size = bench.image_size
         train_labels = sorted_labels(bench.num_train, bench.class_prior)
         test_labels = sorted_labels(bench.num_test, bench.class_prior)
-        train_images = render_images(train_labels, size, bench.seed)
-        test_images = render_images(test_labels, size, bench.seed, start_index=TEST_INDEX_OFFSET)
+        train_images = render_parallel(train_labels, size, bench.seed, workers=workers)
+        test_images = render_parallel(test_labels, size, bench.seed, TEST_INDEX_OFFSET, workers)
         train_ids = [f"train_{j:06d}" for j in range(len(train_labels))]
         test_ids = [f"test_{j:06d}" for j in range(len(test_labels))]
 
@@ -130,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--config", type=Path, default=None, help="take [benchmark] from this TOML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="benchmark.KEY=VALUE")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the images (same result; default 1)")
     args = p.parse_args(argv)
     try:
         cfg = load(args.config, args.overrides)
@@ -139,7 +155,7 @@ def main(argv=None) -> int:
     if args.out_dir.exists():
         print(f"error: {args.out_dir} exists; choose a new directory", file=sys.stderr)
         return 2
-    build(args.out_dir, cfg.benchmark)
+    build(args.out_dir, cfg.benchmark, max(1, args.workers))
     print(f"wrote {args.out_dir}")
     return 0
 

@@ -15,14 +15,14 @@ def test_class_counts_are_exact_and_imbalanced():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     bench = BenchmarkConfig(num_clients=6, num_corrupted=2, num_train=300, num_test=100, image_size=16,
-                            test_severities=[1, 3])
+                            severity=3, test_severities=[1, 3])
     root = tmp_path_factory.mktemp("bench")
     return bench, build(root / "a", bench), root
 
 
 def test_build_is_deterministic_and_partitions_like_the_reference(small):
     bench, directory, root = small
-    again = build(root / "b", bench)
+    again = build(root / "b", bench, workers=2)  # rendered in 2 processes: the same bytes
     m, m2 = load_manifest(directory), load_manifest(again)
     assert [c["sha256"] for c in m["clients"]] == [c["sha256"] for c in m2["clients"]]
     assert [t["sha256"] for t in m["test_sets"]] == [t["sha256"] for t in m2["test_sets"]]
