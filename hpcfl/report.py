@@ -15,7 +15,7 @@ The runs are grouped into settings (one table each) and, within a setting, into 
 Each cell of a table is mean ± population std (ddof 0), in %, over the last ``--last`` evaluated rounds × the
 seeds of a method: BACC and AUC (macro one-vs-one, the paper's "AUC") on the clean test set, on the corrupted
 one, their average ("Avg" = (clean + corrupted)/2) and their gap ("Gap" = clean − corrupted), both element-wise
-before the mean and std. The corrupted test set is the one of the training corruption (``gaussian_3`` for the
+before the mean and std. The corrupted test set is the one of the training corruption (``gaussian_2`` for the
 default built-in benchmark), else the first non-clean one; each table says which.
 
 Written into ``--out`` (default ``report/``): ``report.md`` (the tables, also printed on stdout), ``table.csv``

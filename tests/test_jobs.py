@@ -7,6 +7,7 @@ codes), which exercises its cell selection, signal forwarding and requeue. One r
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -285,18 +286,20 @@ def test_usr1_is_forwarded_and_exit_3_requeues(tmp_path, fake_slurm):
 # ------------------------------------------------------------------------------------- a real local sweep
 
 @pytest.mark.mpi
-def test_local_sweep_runs_every_cell(tmp_path):
+def test_local_sweep_runs_every_cell_and_reports_per_corrupted_count(tmp_path):
+    """docs/results.md's study in miniature: sweep -> sweep.sh under mpiexec -> status -> the report's tables."""
     mpiexec()  # skip-or-fail early with the usual message when there is no MPI
     out_root = tmp_path / "local"
     tiny = ["run.rounds=2", "benchmark.num_train=200", "benchmark.num_test=100", "benchmark.image_size=16",
             "model.width=4", f"data.cache_dir={tmp_path / 'data'}"]
     cmd = [sys.executable, "-m", "jobs", "sweep", "--config", CONFIG, "--algorithms", "fedavg", "fedism",
-           "--seeds", "0", *[a for s in tiny for a in ("--set", s)], "--ranks", "3", "--launcher", "local",
-           "--out-root", str(out_root), "--submit"]
-    p = subprocess.run(["timeout", "-k", "10", "240", *cmd], cwd=REPO, capture_output=True, text=True)
+           "--seeds", "0", *[a for s in tiny for a in ("--set", s)], "--grid", "benchmark.num_corrupted=2,4",
+           "--ranks", "3", "--launcher", "local", "--out-root", str(out_root), "--submit"]
+    p = subprocess.run(["timeout", "-k", "10", "400", *cmd], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "hpcfl sweep summary" in p.stdout
-    for name in ("fedavg-s0", "fedism-s0"):
+    names = [f"{a}-num_corrupted={c}-s0" for a in ("fedavg", "fedism") for c in (2, 4)]
+    for name in names:
         run_dir = out_root / name
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2 and json.loads(lines[0])["algorithm"] == name.split("-")[0]
@@ -305,4 +308,17 @@ def test_local_sweep_runs_every_cell(tmp_path):
     bash_syntax_ok(out_root / "sweep.sh")
     p = subprocess.run([sys.executable, "-m", "jobs", "status", str(out_root)], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
-    assert p.returncode == 0 and "2 of 2 cells finished" in p.stdout
+    assert p.returncode == 0 and "4 of 4 cells finished" in p.stdout
+
+    report_dir = tmp_path / "report"
+    p = subprocess.run([sys.executable, "-m", "hpcfl.report", str(out_root), "--last", "2", "--out",
+                        str(report_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = (report_dir / "report.md").read_text()
+    assert "benchmark.num_corrupted=2" in md and "benchmark.num_corrupted=4" in md  # one table per count
+    with open(report_dir / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["benchmark.num_corrupted"], r["method"]) for r in rows) == [
+        ("2", "fedavg"), ("2", "fedism"), ("4", "fedavg"), ("4", "fedism")]
+    assert all(r["num_values"] == "2" and r["corrupted_set"] == "gaussian_2" for r in rows)
+    assert len(list(report_dir.glob("gap_*.png"))) == 2 and len(list(report_dir.glob("weights_*.png"))) == 4
