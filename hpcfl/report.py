@@ -427,6 +427,28 @@ def _window_text(setting: Setting, rows: list[Row], last: int) -> str:
             f"{len(seeds) * last} values per cell")
 
 
+def corrupted_weight_text(setting: Setting) -> str | None:
+    """How much aggregation weight the corrupted clients got, per method, against their share of the samples
+    (what FedAvg gives them): the paper's claim is that FedISM raises it."""
+    first = setting.first
+    corrupted = corrupted_clients(first)
+    if not corrupted:
+        return None
+    parts = []
+    for method, runs in setting.methods.items():
+        per_round = [sum(line["weights"][c] for c in corrupted) for r in runs for line in r.lines
+                     if len(line.get("weights", [])) > max(corrupted)]
+        if per_round:
+            parts.append(f"{method} {_cell(*mean_std(per_round))}")
+    clients = _manifest_clients(first)
+    share = ""
+    if clients and all(isinstance(c.get("n"), int) for c in clients):
+        n = np.array([c["n"] for c in clients], dtype=np.float64)
+        share = f"; their share of the training samples: {100 * n[corrupted].sum() / n.sum():.2f} %"
+    return (f"Total aggregation weight of the corrupted clients {corrupted}, in %, mean ± std over every evaluated "
+            f"round × seed{share}: " + " · ".join(parts) + ".")
+
+
 def setting_markdown(index: int, setting: Setting, rows: list[Row], last: int, figures: dict | None) -> str:
     """One setting's heading, what its cells are made of, its table and links to its figures."""
     corrupted, why = setting.corrupted_set()
@@ -439,6 +461,9 @@ def setting_markdown(index: int, setting: Setting, rows: list[Row], last: int, f
         cells = [row.method] + [", ".join(map(str, row.seeds))] * seeds_column
         cells += [_cell(*row.stats[(c, m)]) for c, _ in COLUMNS for m, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    weights = corrupted_weight_text(setting)
+    if weights:
+        lines += ["", weights]
     if figures:
         links = [f"[BACC over rounds]({figures['rounds']})", f"[BACC gap]({figures['gap']})"]
         links += [f"[weights: {m}]({p})" for m, p in figures["weights"].items()]

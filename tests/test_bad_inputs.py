@@ -353,7 +353,7 @@ CASES = [
     Case("more_client_ranks_than_clients", "data", _more_ranks_than_clients, "5 client ranks but only 4 clients",
          nprocs=6),
     # resume / checkpoint
-    Case("resume_with_changed_config", "resume", _changed_config, "different config (train.lr: 0.0003 -> 0.001)"),
+    Case("resume_with_changed_config", "resume", _changed_config, "different config (train.lr: 0.002 -> 0.001)"),
     Case("checkpoint_pointer_garbage", "resume", _pointer_garbage, "checkpoint.json: not an hpcfl checkpoint pointer"),
     Case("checkpoint_pointer_to_missing_dir", "resume", _pointer_to_missing_dir, "missing or incomplete"),
     Case("checkpoint_pointer_outside_run_dir", "resume", _pointer_outside_run_dir, "checkpoint.json"),

@@ -184,10 +184,10 @@ def test_differing_key_and_group_by_name_the_setting(tmp_path):
     runs = [make_run(tmp_path, f"lr{lr}-s{s}", seed=s, config={"train.lr": lr}) for lr in (0.001, 0.01) for s in (0, 1)]
     markdown, _ = report(runs, tmp_path / "out", group_by=["model.width"], plots=False)
     assert markdown.count("## Setting") == 2
-    assert "benchmark.severity=3, train.lr=0.001, model.width=32\n" in markdown
-    assert "## Setting 2: " in markdown and "train.lr=0.01, model.width=32" in markdown
+    assert "benchmark.severity=3, train.lr=0.001, model.width=16\n" in markdown
+    assert "## Setting 2: " in markdown and "train.lr=0.01, model.width=16" in markdown
     rows = read_csv(tmp_path / "out" / "table.csv")
-    assert [r["train.lr"] for r in rows] == ["0.001", "0.01"] and rows[0]["model.width"] == "32"
+    assert [r["train.lr"] for r in rows] == ["0.001", "0.01"] and rows[0]["model.width"] == "16"
 
 
 def test_group_by_rounds_separates_what_would_be_refused(tmp_path):
@@ -371,3 +371,14 @@ def test_a_sweep_root_stands_for_its_run_directories(tmp_path):
     (root / "cells.tsv").write_text("")
     assert expand_sweep_roots([root]) == [root / "fedavg-s0", root / "fedism-s0"]
     assert expand_sweep_roots([root / "fedavg-s0"]) == [root / "fedavg-s0"]
+
+
+def test_report_gives_the_corrupted_clients_aggregation_weight(tmp_path):
+    runs = two_methods(tmp_path / "runs")
+    markdown, _ = report(runs, tmp_path / "out", plots=False)
+    # make_run's weights: client c gets (c + 1 + t) / (10 + 4t) in round t; client 3 is the corrupted one
+    per_round = np.array([100 * (4 + t) / (10 + 4 * t) for t in range(7)] * 2)
+    expected = f"{per_round.mean():.2f} ± {per_round.std():.2f}"
+    line = next(x for x in markdown.splitlines() if x.startswith("Total aggregation weight"))
+    assert "corrupted clients [3]" in line and f"fedavg {expected}" in line and f"fedism {expected}" in line
+    assert "share of the training samples" not in line  # no manifest to read the shard sizes from
