@@ -112,7 +112,7 @@ def test_resume_refuses_a_changed_config_by_key(reference, tmp_path, data_cache)
     p = launch(1, ["--out", str(reference), *sets(*RESUMABLE, f"data.cache_dir={data_cache}", "train.lr=0.01",
                                                   "algorithm.fedga_step=0.1")])
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "train.lr: 0.0003 -> 0.01" in p.stderr and "algorithm.fedga_step: 0.05 -> 0.1" in p.stderr
+    assert "train.lr: 0.002 -> 0.01" in p.stderr and "algorithm.fedga_step: 0.05 -> 0.1" in p.stderr
     # a checkpoint pointer that is not ours is refused with a message, not a traceback
     (reference / "run.json").write_text(json.dumps({"not": "finished"}))
     (reference / "checkpoint.json").write_text("{garbage")
