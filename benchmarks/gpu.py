@@ -20,7 +20,8 @@ step is measured both ways too, for scale.
 
 Part 2: ``hpcfl.run`` under ``mpiexec -n R`` for each R of ``--ranks`` (default 2 and 5: 1 and 4 client ranks on
 the one GPU) on an ICH-sized built-in benchmark: 20 clients, 20,000 training and 2,000 test images of 224 px,
-ResNet-18, FedISM, device cuda, 2 rounds; the time of round 2 (round 1 pays for cuDNN's autotuning and warm-up).
+ResNet-18, FedISM, device cuda, 2 rounds; the time of round 2 (round 1 pays for the CUDA context and the allocator's warm-up; hpcfl.run keeps cuDNN
+deterministic, without autotuning, while part 1 lets cuDNN pick its fastest kernels for both loops alike).
 The benchmark's images are rendered once in parallel into ``data/`` (about 1 GB).
 """
 

@@ -62,3 +62,12 @@ def test_gpu_benchmark_part1_plumbing_on_cpu():
     assert setting == (4, True, True)
     assert set(rates) == {"bare gsam", "hpcfl gsam", "hpcfl gsam+aug", "bare plain", "hpcfl plain"}
     assert all(r > 0 for r in rates.values())
+
+
+def test_norm_diagnostic_runs_and_reports_both_test_sets():
+    out = subprocess.run(["timeout", "-k", "5", "120", sys.executable, "-m", "benchmarks.norm_diagnostic",
+                          "--train", "64", "--epochs", "1", "--size", "16", "--width", "4", "--batches", "grouped"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"eval mode: +clean [01]\.\d{3}  noisy [01]\.\d{3}", out.stdout), out.stdout
+    assert "statistics re-estimated" in out.stdout  # BatchNorm (the default) gets the second line
