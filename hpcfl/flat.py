@@ -73,6 +73,8 @@ class FlatLayout:
         device = next(iter(sd.values())).device if sd else torch.device("cpu")
         if device.type == "cuda":
             host, dev = self._staged(device)
+            # an earlier non-blocking copy may still be reading the pinned buffer: wait before overwriting it
+            torch.cuda.current_stream(device).synchronize()
             host.numpy()[:] = vec
             dev.copy_(host, non_blocking=True)  # ordered before the copies below on the same stream
             flat = dev
