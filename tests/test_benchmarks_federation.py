@@ -36,9 +36,10 @@ def test_overhead_benchmark_compares_round_time_with_the_slowest_rank(data_cache
     rows = re.findall(r"^(fedavg|fedism)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)", out, re.MULTILINE)
     assert [r[0] for r in rows] == ["fedavg", "fedism"], out
     for _, wall, compute, ratio in rows:
-        # a round cannot be shorter than the computing inside it
-        assert float(wall) >= float(compute) > 0 and float(ratio) == pytest.approx(float(wall) / float(compute),
-                                                                                     abs=2e-3)
+        # a round cannot be shorter than the computing inside it; the ratio is of the unrounded medians, which
+        # the table prints to 3 decimals (tiny rounds take 0.1 s: 0.5 % each)
+        assert float(wall) >= float(compute) > 0
+        assert float(ratio) == pytest.approx(float(wall) / float(compute), rel=0.02)
 
 
 def test_scaling_benchmark_runs_1_and_2_client_ranks_to_the_same_model(data_cache):
