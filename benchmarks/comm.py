@@ -262,14 +262,9 @@ def worker_main(args) -> int:
 
 
 def find_mpiexec(given: str | None) -> str:
-    if given:
-        return given
-    here = Path(sys.executable).parent / "mpiexec"
-    found = str(here) if here.exists() else shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("benchmarks.comm: no mpiexec beside this Python nor on PATH (install the 'mpich' extra, "
-                         "load an MPI module, or pass --mpiexec)")
-    return found
+    from benchmarks.runs import find_mpiexec as beside_python_or_on_path
+
+    return given or beside_python_or_on_path()
 
 
 def launch(args, ranks: int) -> dict:

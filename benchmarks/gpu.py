@@ -31,12 +31,13 @@ import argparse
 import os
 import sys
 import time
+from statistics import median
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.runs import machine_line, median, round_periods, run_federation
+from benchmarks.runs import machine_line, round_periods, run_federation
 
 
 def device_line(device: torch.device) -> str:
@@ -51,7 +52,7 @@ def bare_gsam_loop(model, x_all, y_all, batch, steps, amp, channels_last, rho=0.
     """Images per second of a minimal GSAM (or plain, ``sam=False``) loop over pre-normalised inputs."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=5e-4)
     device_type = x_all.device.type
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def loss_of(x, y):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):

@@ -42,17 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.runs import cpu_model
+
 GOAL = 5.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine_line() -> str:

@@ -18,8 +18,9 @@ takes CPU from a client rank, which shows up in that rank's compute time, not as
 from __future__ import annotations
 
 import argparse
+from statistics import median
 
-from benchmarks.runs import machine_line, median, round_periods, run_federation
+from benchmarks.runs import machine_line, round_periods, run_federation
 
 GOAL = 1.10
 

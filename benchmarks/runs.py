@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,8 @@ def find_mpiexec() -> str:
     here = Path(sys.executable).parent / "mpiexec"
     found = str(here) if here.exists() else shutil.which("mpiexec")
     if not found:
-        raise SystemExit("no mpiexec beside this Python nor on PATH (install the 'mpich' extra or load an MPI module)")
+        raise SystemExit("no mpiexec beside this Python nor on PATH (install the 'mpich' extra, load an MPI "
+                         "module, or pass --mpiexec where the benchmark has it)")
     return found
 
 
@@ -81,7 +81,3 @@ def round_periods(lines: list[dict]) -> list[float]:
     it pays for warm-up). Needs eval.every = 1 (one line per round)."""
     elapsed = [line["elapsed_s"] for line in lines]
     return [b - a for a, b in zip(elapsed, elapsed[1:])]
-
-
-def median(values) -> float:
-    return statistics.median(values)

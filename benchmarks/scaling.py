@@ -14,8 +14,9 @@ time differs. On a machine with 2 cores the server rank shares them with the cli
 from __future__ import annotations
 
 import argparse
+from statistics import median
 
-from benchmarks.runs import machine_line, median, round_periods, run_federation
+from benchmarks.runs import machine_line, round_periods, run_federation
 
 GOAL = 0.55
 
