@@ -9,21 +9,21 @@ import sys
 import numpy as np
 import pytest
 
-from hpcfl.config import ALGORITHMS
-from tests.conftest import REPO, TINY, final_vector, mpiexec, read_metrics, sets
+from tests import fingerprint
+from tests.conftest import REPO, final_vector, mpiexec, read_metrics, sets
 
 pytestmark = pytest.mark.mpi
 
-CASES = [(name, "as_coded") for name in ALGORITHMS] + [("qfedavg", "qffl"), ("afl", "minimax"),
-                                                        ("fairfed", "corrected")]
+CASES = fingerprint.cases()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
+    """Every case of tests/fingerprint.py, single-rank and under mpiexec -n 3 (one launch each)."""
     root = tmp_path_factory.mktemp("algos")
     for n in (1, 3):
         jobs = [["--out", str(root / f"{name}-{variant}-n{n}"),
-                 *sets(*TINY, f"data.cache_dir={data_cache}", f"algorithm.name={name}",
+                 *sets(*fingerprint.SETTINGS, f"data.cache_dir={data_cache}", f"algorithm.name={name}",
                        f"algorithm.variant={variant}")] for name, variant in CASES]
         (root / f"jobs{n}.json").write_text(json.dumps(jobs))
         # under MPI, no object may be pickled by mpi4py in the whole run (design invariant 1)
@@ -33,6 +33,24 @@ def runs(tmp_path_factory, data_cache):
         p = subprocess.run(["timeout", "-k", "10", "600", *cmd], cwd=REPO, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-4000:]
     return root
+
+
+def test_every_case_matches_its_recorded_fingerprint(runs):
+    """The results of every method, single-rank and under MPI, are those recorded before the restructuring
+    (tests/fingerprint.py): a change of layout must not move a single bit."""
+    store = fingerprint.stored()
+    assert sorted(store["fingerprints"]) == sorted(fingerprint.case_name(*c) for c in CASES)
+    for name, variant in CASES:  # world sizes agree everywhere, whatever the machine
+        assert fingerprint.fingerprint(runs / f"{name}-{variant}-n1") == \
+            fingerprint.fingerprint(runs / f"{name}-{variant}-n3"), (name, variant)
+    differences = fingerprint.environment_differences(store["environment"])
+    if differences:
+        pytest.skip("fingerprints were recorded in another environment (" + "; ".join(differences) + ")")
+    assert store["settings"] == fingerprint.SETTINGS
+    moved = [fingerprint.case_name(name, variant) for name, variant in CASES
+             if fingerprint.fingerprint(runs / f"{name}-{variant}-n1")
+             != store["fingerprints"][fingerprint.case_name(name, variant)]]
+    assert not moved, f"results moved for {moved}"
 
 
 @pytest.mark.parametrize("name,variant", CASES)
