@@ -8,8 +8,10 @@ runs of ``tests/test_algorithms_mpi.py`` (single-rank and ``mpiexec -n 3``) agai
 
 Floating-point kernels may round differently on another CPU or torch build, so the stored values are compared only
 where the environment matches the recorded one; everywhere, the single-rank and MPI runs must still agree bit for
-bit. To record anew (only when a change is *meant* to move results, with the reason in the commit message):
+bit. A quick check while editing (single-rank, about 10 s), and recording anew (only when a change is *meant* to
+move results, with the reason in the commit message):
 
+    python -m tests.fingerprint check
     python -m tests.fingerprint record
 """
 
@@ -85,8 +87,10 @@ def environment_differences(recorded: dict) -> list[str]:
     return [f"{k}: recorded {recorded.get(k)!r}, here {here.get(k)!r}" for k in here if recorded.get(k) != here[k]]
 
 
-def record() -> None:
-    """Run every case single-rank in this process and store the fingerprints."""
+def run_cases() -> dict[str, str]:
+    """Run every case single-rank in this process; their fingerprints."""
+    import logging
+
     from hpcfl.run import main
 
     out = {}
@@ -96,19 +100,26 @@ def record() -> None:
             code = main(["--out", str(run_dir), *[a for s in SETTINGS for a in ("--set", s)],
                          "--set", f"data.cache_dir={tmp}/data", "--set", f"algorithm.name={name}",
                          "--set", f"algorithm.variant={variant}"])
+            logging.getLogger("hpcfl").handlers.clear()  # the next run sets up its own
             if code:
                 raise SystemExit(f"{name} ({variant}) failed with exit code {code}")
             out[case_name(name, variant)] = fingerprint(run_dir)
-            print(f"{case_name(name, variant):24s} {out[case_name(name, variant)]}")
-    STORE.write_text(json.dumps({"environment": environment(), "settings": SETTINGS, "fingerprints": out},
-                                indent=2) + "\n")
-    print(f"wrote {STORE}")
+    return out
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["record"]:
+    if sys.argv[1:] not in (["record"], ["check"]):
         sys.exit(__doc__)
     import torch
 
     torch.set_num_threads(1)
-    record()
+    found = run_cases()
+    if sys.argv[1] == "record":
+        STORE.write_text(json.dumps({"environment": environment(), "settings": SETTINGS, "fingerprints": found},
+                                    indent=2) + "\n")
+        print(f"wrote {STORE}")
+    else:
+        want = stored()["fingerprints"]
+        for case in sorted(set(want) | set(found)):
+            print(f"{case:24s} {'same' if want.get(case) == found.get(case) else 'MOVED'}")
+        sys.exit(0 if want == found else 1)
