@@ -8,9 +8,9 @@ Command (on a machine with a CUDA GPU; ``--quick`` runs a tiny CPU version that 
 Part 1, one process. ResNet-18 (5 classes) on 224-px grayscale images held on the GPU as uint8, Adam, GSAM
 (rho 0.05, alpha 0.1), at batch 32 in float32 and at batch 128 with bf16 autocast and channels_last:
 
-  hpcfl     ``hpcfl.local.trainer.train_client`` on one client of ``steps x batch`` images with
+  hpcfl     ``hpcfl.client.trainer.train_client`` on one client of ``steps x batch`` images with
             ``local_optimizer="gsam"``: batch cutting from the device shard, the uint8 -> normalised 3-channel
-            transform, GSAM through ``hpcfl.local.sam``. Once without augmentation (the same work as the bare
+            transform, GSAM through ``hpcfl.client.sam``. Once without augmentation (the same work as the bare
             loop) and once with it (what FedISM runs);
   bare      the loop a researcher would write: inputs already normalised, 3-channel float on the GPU, the same
             GSAM update inlined (two forward/backward passes, perturb, decompose, restore, Adam step).
@@ -97,7 +97,7 @@ def bare_gsam_loop(model, x_all, y_all, batch, steps, amp, channels_last, rho=0.
 def hpcfl_rate(model, images_u8, labels, batch, steps, amp, channels_last, augment, local_optimizer):
     from hpcfl.config import TrainConfig
     from hpcfl.data.transforms import BatchTransform
-    from hpcfl.local.trainer import ClientData, train_client
+    from hpcfl.client.trainer import ClientData, train_client
 
     device = images_u8.device
     cfg = TrainConfig(lr=3e-4, batch_size=batch, augment=augment, amp="bf16" if amp else "off",

@@ -11,7 +11,7 @@ epochs, as a client's local training consumes them:
 
   (1) hpcfl       the images are written once to an HDF5 shard (``hpcfl.data.shards.write_shard``, uncompressed,
                   chunked by image, as ``preprocess.synthetic`` writes them). The client reads the shard into
-                  memory once (``read_shard``, uint8), then every epoch draws ``hpcfl.local.trainer.batches`` and
+                  memory once (``read_shard``, uint8), then every epoch draws ``hpcfl.client.trainer.batches`` and
                   applies ``hpcfl.data.transforms.BatchTransform(3)`` with augmentation (``random_affine_flip``)
                   from a ``torch.Generator``: what ``train_client`` does per epoch. One torch thread, as every
                   hpcfl rank uses. Reported without and with the one-time shard read (amortised over the epochs).
@@ -85,7 +85,7 @@ def run_hpcfl(shard: Path, batch: int, epochs: int, seed: int) -> tuple[float, f
     """(seconds to read the shard, seconds for the epochs, images delivered)."""
     from hpcfl.data.shards import read_shard
     from hpcfl.data.transforms import BatchTransform
-    from hpcfl.local.trainer import batches
+    from hpcfl.client.trainer import batches
 
     t0 = time.perf_counter()
     s = read_shard(shard)

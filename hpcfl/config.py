@@ -23,43 +23,32 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-from hpcfl.errors import UsageError
-
-
-class ConfigError(UsageError, ValueError):
-    """A configuration problem the user must fix; the message names the key."""
-
-
-def _opt(default, *, lo=None, hi=None, lo_open=False, choices=None, doc=""):
-    """A field with its valid range (``lo``/``hi`` inclusive unless ``lo_open``) or its allowed values."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from hpcfl.algorithms import AlgorithmOptions, algorithm_class, available, options_of
+from hpcfl.options import ConfigError, check_value, default_of, option, same_declaration
 
 
 @dataclass
 class RunConfig:
-    seed: int = _opt(0, lo=0, doc="base seed of every random stream (model init, shuffling, augmentation)")
-    rounds: int = _opt(20, lo=1, doc="communication rounds T")
-    out: str = _opt("runs/default", doc="run directory (config, metrics, logs, checkpoints, final model: docs/outputs.md)")
-    torch_threads: int = _opt(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
-    device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
-    round_timeout_s: float = _opt(0.0, lo=0.0, doc="end the job when one round takes longer (a stuck rank or "
+    seed: int = option(0, lo=0, doc="base seed of every random stream (model init, shuffling, augmentation)")
+    rounds: int = option(20, lo=1, doc="communication rounds T")
+    out: str = option("runs/default", doc="run directory (config, metrics, logs, checkpoints, final model: docs/outputs.md)")
+    torch_threads: int = option(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
+    device: str = option("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
+    round_timeout_s: float = option(0.0, lo=0.0, doc="end the job when one round takes longer (a stuck rank or "
                                                      "collective); 0: no limit")
-    on_nonfinite: str = _opt("abort", choices=("abort", "skip"),
+    on_nonfinite: str = option("abort", choices=("abort", "skip"),
                              doc="a client with non-finite parameters, loss or statistics: end the job, or leave the "
                                  "client out of that round")
-    checkpoint_every: int = _opt(5, lo=0, doc="checkpoint every m rounds (0: only at the end and on a stop signal)")
-    aggregation: str = _opt("exact", choices=("exact", "float32"),
+    checkpoint_every: int = option(5, lo=0, doc="checkpoint every m rounds (0: only at the end and on a stop signal)")
+    aggregation: str = option("exact", choices=("exact", "float32"),
                             doc="'exact': fixed-point sum, equal for any world size; 'float32': half the bytes")
 
 
 @dataclass
 class DataConfig:
-    source: str = _opt("builtin", doc="'builtin' (the generated benchmark, built on first use) or a shard directory")
-    cache_dir: str = _opt("data", doc="where the built-in benchmark's shards are written")
-    val_fraction: float = _opt(0.0, lo=0.0, hi=0.5, doc="share of each client's shard held out for per-client "
+    source: str = option("builtin", doc="'builtin' (the generated benchmark, built on first use) or a shard directory")
+    cache_dir: str = option("data", doc="where the built-in benchmark's shards are written")
+    val_fraction: float = option(0.0, lo=0.0, hi=0.5, doc="share of each client's shard held out for per-client "
                                                          "metrics (0: none)")
 
 
@@ -71,87 +60,96 @@ CORRUPTION_KINDS = ("gaussian", "blur", "poisson", "jpeg", "downsample", "contra
 class BenchmarkConfig:
     """The built-in quality-shift benchmark (preprocess/synthetic.py); used when data.source = 'builtin'."""
 
-    num_clients: int = _opt(20, lo=1, doc="clients (hospitals) N")
-    num_corrupted: int = _opt(4, lo=0, doc="the last num_corrupted clients get corrupted training images")
-    num_train: int = _opt(4000, lo=1, doc="training images, split over the clients")
-    num_test: int = _opt(1000, lo=1, doc="images of the (global) test set")
-    image_size: int = _opt(32, lo=16, hi=512, doc="side of the square grayscale images, in pixels")
-    class_prior: list = _opt([0.022, 0.205, 0.13, 0.215, 0.428], doc="class frequencies (ICH's, §6.1)")
-    alpha: float = _opt(1.0, lo=0.0, lo_open=True, doc="Dirichlet concentration of the partition (§6.4)")
-    corruption: str = _opt("gaussian", choices=CORRUPTION_KINDS,
+    num_clients: int = option(20, lo=1, doc="clients (hospitals) N")
+    num_corrupted: int = option(4, lo=0, doc="the last num_corrupted clients get corrupted training images")
+    num_train: int = option(4000, lo=1, doc="training images, split over the clients")
+    num_test: int = option(1000, lo=1, doc="images of the (global) test set")
+    image_size: int = option(32, lo=16, hi=512, doc="side of the square grayscale images, in pixels")
+    class_prior: list = option([0.022, 0.205, 0.13, 0.215, 0.428], doc="class frequencies (ICH's, §6.1)")
+    alpha: float = option(1.0, lo=0.0, lo_open=True, doc="Dirichlet concentration of the partition (§6.4)")
+    corruption: str = option("gaussian", choices=CORRUPTION_KINDS,
                            doc="quality shift of the corrupted clients and test copies (docs/corruptions.md)")
-    severity: int = _opt(2, lo=1, hi=5,
+    severity: int = option(2, lo=1, hi=5,
                          doc="corruption severity 1..5 of the corrupted clients (gaussian 2: sigma 0.12; the paper uses 3, sigma 0.18; docs/results.md says why 2)")
-    test_severities: list = _opt([2], doc="severities 1..5 of the corrupted test copies (test sets <corruption>_<s>)")
-    seed: int = _opt(2024, lo=0, doc="seed of images, partition and corruption")
+    test_severities: list = option([2], doc="severities 1..5 of the corrupted test copies (test sets <corruption>_<s>)")
+    seed: int = option(2024, lo=0, doc="seed of images, partition and corruption")
 
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"),
+    name: str = option("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"),
                     doc="small CNN for CPU runs, or a torchvision backbone with a new head")
-    width: int = _opt(16, lo=1, doc="channels of the small CNN's first block (doubles per block)")
-    cnn_norm: str = _opt("group", choices=("group", "batch"),
+    width: int = option(16, lo=1, doc="channels of the small CNN's first block (doubles per block)")
+    cnn_norm: str = option("group", choices=("group", "batch"),
                          doc="normalisation layers of the small CNN (torchvision backbones keep BatchNorm); docs/results.md says why group")
-    pretrained_path: str = _opt("", doc="local state_dict file with ImageNet weights (never downloaded)")
+    pretrained_path: str = option("", doc="local state_dict file with ImageNet weights (never downloaded)")
 
 
 @dataclass
 class TrainConfig:
-    optimizer: str = _opt("adam", choices=("adam", "sgd"), doc="local optimizer, re-created every round")
-    lr: float = _opt(2e-3, lo=0.0, lo_open=True, doc="learning rate (constant; the reference's 3e-4 is for a pretrained ResNet-18: configs/reference.toml)")
-    weight_decay: float = _opt(5e-4, lo=0.0, doc="L2 weight decay inside the optimizer (coupled)")
-    momentum: float = _opt(0.9, lo=0.0, hi=1.0, doc="SGD only")
-    batch_size: int = _opt(16, lo=1, doc="local mini-batch size (the last partial batch is kept; a 1-sample rest joins the batch before)")
-    local_epochs: int = _opt(1, lo=1, doc="local epochs per round")
-    logit_adjust: bool = _opt(True, doc="logit-adjusted CE with the client's own class prior (§3.3)")
-    tau: float = _opt(1.0, lo=0.0, doc="logit-adjustment temperature")
-    augment: bool = _opt(True, doc="random affine (±10°, 2% shift) + horizontal flip (§6.7)")
-    local_optimizer: str = _opt("auto", choices=("auto", "plain", "sam", "gsam"),
+    optimizer: str = option("adam", choices=("adam", "sgd"), doc="local optimizer, re-created every round")
+    lr: float = option(2e-3, lo=0.0, lo_open=True, doc="learning rate (constant; the reference's 3e-4 is for a pretrained ResNet-18: configs/reference.toml)")
+    weight_decay: float = option(5e-4, lo=0.0, doc="L2 weight decay inside the optimizer (coupled)")
+    momentum: float = option(0.9, lo=0.0, hi=1.0, doc="SGD only")
+    batch_size: int = option(16, lo=1, doc="local mini-batch size (the last partial batch is kept; a 1-sample rest joins the batch before)")
+    local_epochs: int = option(1, lo=1, doc="local epochs per round")
+    logit_adjust: bool = option(True, doc="logit-adjusted CE with the client's own class prior (§3.3)")
+    tau: float = option(1.0, lo=0.0, doc="logit-adjustment temperature")
+    augment: bool = option(True, doc="random affine (±10°, 2% shift) + horizontal flip (§6.7)")
+    local_optimizer: str = option("auto", choices=("auto", "plain", "sam", "gsam"),
                                 doc="'auto': gsam for fedism/fedism_plus, plain for the others (as the reference)")
-    gsam_alpha: float = _opt(0.1, lo=0.0, doc="GSAM's α (surrogate-gap ascent)")
-    amp: str = _opt("off", choices=("off", "bf16"),
+    gsam_alpha: float = option(0.1, lo=0.0, doc="GSAM's α (surrogate-gap ascent)")
+    amp: str = option("off", choices=("off", "bf16"),
                     doc="bf16 autocast of local training's forward passes (a GPU option; statistics and evaluation stay float32)")
-    channels_last: bool = _opt(False, doc="model and batches in channels_last memory format (a GPU option for conv nets)")
-    compile: str = _opt("off", choices=("off", "default", "reduce-overhead"),
+    channels_last: bool = option(False, doc="model and batches in channels_last memory format (a GPU option for conv nets)")
+    compile: str = option("off", choices=("off", "default", "reduce-overhead"),
                         doc="torch.compile the model for local training; 'reduce-overhead' adds CUDA graphs against launch overhead at small batches")
 
 
-ALGORITHMS = ("fedavg", "afl", "qfedavg", "fairfed", "fedce", "fedga", "fedism", "fedism_plus")
+def _algorithm_section() -> type:
+    """[algorithm]: the keys every method has, then each registered method's own keys (hpcfl/algorithms/), in
+    listing order. A key several methods declare (``q``) must be declared alike; its meanings are joined."""
+    fields = {f.name: f for f in dataclasses.fields(AlgorithmOptions)}
+    docs = {name: [f.metadata["doc"]] for name, f in fields.items()}
+    variants: list[str] = []
+    for name in available():
+        cls = algorithm_class(name)
+        variants += [v for v in cls.variants if v not in variants]
+        for f in dataclasses.fields(cls.Options):
+            if f.name not in fields:
+                fields[f.name], docs[f.name] = f, []
+            elif not same_declaration(fields[f.name], f):
+                raise TypeError(f"algorithm.{f.name}: {name} declares it unlike another method does")
+            if f.metadata["doc"] not in docs[f.name]:
+                docs[f.name].append(f.metadata["doc"])
+    choices = {"name": tuple(available()), "variant": tuple(variants)}
+    specs = []
+    for key, f in fields.items():
+        meta = {**f.metadata, "doc": "; ".join(docs[key])}
+        if key in choices:
+            meta["choices"] = choices[key]
+        specs.append((key, type(default_of(f)), option(default_of(f), **{k: meta[k] for k in
+                                                                           ("lo", "hi", "lo_open", "choices", "doc")})))
+    return dataclasses.make_dataclass(
+        "AlgorithmConfig", specs,
+        namespace={"__doc__": "The aggregation rule and its hyperparameters (docs/algorithms.md gives every formula). "
+                              "Every method's keys are accepted whatever the method; each method reads its own."})
 
 
-@dataclass
-class AlgorithmConfig:
-    """The aggregation rule and its hyperparameters (docs/algorithms.md gives every formula)."""
-
-    name: str = _opt("fedavg", choices=ALGORITHMS, doc="aggregation rule")
-    variant: str = _opt("as_coded", choices=("as_coded", "qffl", "minimax", "corrected"),
-                        doc="'as_coded' = the official code; qfedavg: 'qffl'; afl: 'minimax'; fairfed: 'corrected'")
-    q: float = _opt(-1.0, lo=-1.0, doc="exponent of qfedavg (loss) and fedism (sharpness); -1: the method's "
-                                        "default (qfedavg 1, fedism 2)")
-    ema_beta: float = _opt(0.5, lo=0.0, hi=1.0, doc="fedism: EMA weight of the new round's weights")
-    rho: float = _opt(0.05, lo=0.0, doc="search distance ρ (ρ_max of fedism_plus) of local SAM/GSAM and of the "
-                                         "sharpness measurement")
-    rho_power: float = _opt(0.5, lo=0.0, doc="fedism_plus: ρ_t = ρ·((t+1)/T)^rho_power")
-    fairness_beta: float = _opt(1.0, lo=0.0, doc="fairfed: step β of the weight update")
-    fedce_mode: str = _opt("times", choices=("times", "plus"), doc="fedce: how cosine and leave-one-out terms combine")
-    fedga_step: float = _opt(0.05, lo=0.0, doc="fedga: base step d (decays linearly to 0 over the rounds)")
-    afl_lambda_lr: float = _opt(0.01, lo=0.0, doc="afl minimax: step γ_λ of the projected ascent on λ")
-    qffl_lipschitz: float = _opt(0.0, lo=0.0, doc="qfedavg qffl: Lipschitz constant L; 0: 1/train.lr")
-    stats_augment: bool = _opt(True, doc="client statistics on augmented data (as the reference) or un-augmented")
+AlgorithmConfig = _algorithm_section()
 
 
 @dataclass
 class EvalConfig:
-    every: int = _opt(1, lo=1, doc="evaluate every k rounds (and always after the last)")
-    batch_size: int = _opt(256, lo=1, doc="evaluation batch size")
+    every: int = option(1, lo=1, doc="evaluate every k rounds (and always after the last)")
+    batch_size: int = option(256, lo=1, doc="evaluation batch size")
 
 
 @dataclass
 class DebugConfig:
-    fail_at: str = _opt("", doc="'RANK:ROUND[:PHASE]' raises an error on that rank in that round and phase (tests)")
-    hang_at: str = _opt("", doc="'RANK:ROUND' makes that rank hang in local training of that round (watchdog tests)")
-    nan_at: str = _opt("", doc="'CLIENT:ROUND' makes that client's trained model NaN in that round (tests)")
+    fail_at: str = option("", doc="'RANK:ROUND[:PHASE]' raises an error on that rank in that round and phase (tests)")
+    hang_at: str = option("", doc="'RANK:ROUND' makes that rank hang in local training of that round (watchdog tests)")
+    nan_at: str = option("", doc="'CLIENT:ROUND' makes that client's trained model NaN in that round (tests)")
 
 
 @dataclass
@@ -175,8 +173,6 @@ class Config:
         """The local optimizer actually used ('auto' resolved per algorithm)."""
         if self.train.local_optimizer != "auto":
             return self.train.local_optimizer
-        from hpcfl.algorithms import algorithm_class
-
         return algorithm_class(self.algorithm.name).default_local_optimizer
 
     def digest(self) -> str:
@@ -188,30 +184,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-
-def _check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
-    """Type-check ``value`` against field ``f`` (exact types: a bool is not an int) and its range."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    want = type(default)
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if want is list and isinstance(value, tuple):
-        value = list(value)
-    if type(value) is not want:
-        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} ({value!r})")
-    if want is float and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    m = f.metadata
-    if m.get("choices") is not None and value not in m["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, m['choices']))}")
-    if m.get("lo") is not None:
-        if value < m["lo"] or (m["lo_open"] and value == m["lo"]):
-            op = ">" if m["lo_open"] else ">="
-            raise ConfigError(f"{key}: {value!r} is out of range (must be {op} {m['lo']})")
-    if m.get("hi") is not None and value > m["hi"]:
-        raise ConfigError(f"{key}: {value!r} is out of range (must be <= {m['hi']})")
-    return value
-
 
 def _cross_checks(cfg: Config) -> None:
     b = cfg.benchmark
@@ -225,14 +197,7 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("benchmark.class_prior: needs at least 2 positive numbers")
     if any(type(s) is not int or not 1 <= s <= 5 for s in b.test_severities):
         raise ConfigError(f"benchmark.test_severities: {b.test_severities!r} must be integers in 1..5")
-    from hpcfl.algorithms import algorithm_class  # late: algorithms import nothing from here
-
-    algo = algorithm_class(cfg.algorithm.name)
-    if cfg.algorithm.variant not in algo.variants:
-        raise ConfigError(f"algorithm.variant: {cfg.algorithm.variant!r} is not a variant of {cfg.algorithm.name} "
-                          f"(its variants: {', '.join(algo.variants)})")
-    if cfg.algorithm.q < 0 and cfg.algorithm.q != -1.0:
-        raise ConfigError(f"algorithm.q: {cfg.algorithm.q!r} must be -1 (the method's default) or >= 0")
+    algorithm_class(cfg.algorithm.name).check_options(options_of(cfg.algorithm.name, cfg.algorithm))
     if cfg.model.pretrained_path:
         if cfg.model.name == "cnn":
             raise ConfigError("model.pretrained_path: the small CNN has no pretrained weights (use a torchvision model)")
@@ -270,7 +235,7 @@ def from_dict(raw: dict) -> Config:
         for key, value in sec_val.items():
             if key not in fields:
                 raise ConfigError(f"unknown key {sec_name}.{key} (known in [{sec_name}]: {', '.join(fields)})")
-            vals[key] = _check_value(f"{sec_name}.{key}", value, fields[key])
+            vals[key] = check_value(f"{sec_name}.{key}", value, fields[key])
         kwargs[sec_name] = cls(**vals)
     cfg = Config(**kwargs)
     _cross_checks(cfg)
@@ -366,7 +331,7 @@ def reference_markdown() -> str:
         lines += ["| key | default | valid | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             m = f.metadata
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = default_of(f)
             if m.get("choices"):
                 valid = " \\| ".join(f"`{c}`" for c in m["choices"])
             else:

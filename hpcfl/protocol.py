@@ -46,8 +46,8 @@ from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
 from hpcfl.io import write_json, write_text
-from hpcfl.local.stats import StatsContext, measure
-from hpcfl.local.trainer import train_client
+from hpcfl.client.stats import StatsContext, measure
+from hpcfl.client.trainer import train_client
 from hpcfl.metrics import classification_metrics, client_summary, gaps, predict_proba
 from hpcfl.models import build_model, input_channels
 from hpcfl.outputs import Progress, RunLog, progress_text
@@ -93,16 +93,6 @@ def weighted_sum(comm: Comm, layout: FlatLayout, vectors: dict[int, np.ndarray],
             total += keep * global_vec.astype(np.float64)
         out[:] = total
     return out
-
-
-def update_cosine(local: np.ndarray, global_vec: np.ndarray, consensus: np.ndarray, weight: float,
-                  mask: np.ndarray) -> float:
-    """FedCE's cos(Δ_i, Δ_c − c_i·Δ_i) with Δ_i = w_i − w^t and Δ_c = consensus − w^t, over parameters only."""
-    g = global_vec[mask].astype(np.float64)
-    d_i = local[mask] - g
-    d_rest = (consensus[mask] - g) - weight * d_i
-    denom = np.linalg.norm(d_i) * np.linalg.norm(d_rest)
-    return float(np.dot(d_i, d_rest) / denom) if denom > 0 else 0.0
 
 
 def nonfinite_clients(train_table: np.ndarray, stats: dict[str, np.ndarray]) -> list[int]:
@@ -375,17 +365,19 @@ def run(cfg, comm: Comm, out_dir: Path, where: Where, overwrite: bool = False, f
         stats.update(train_loss=train_table[:, 0], steps=train_table[:, 1], update_sq_norm=train_table[:, 3])
 
         # 3b. FedCE only: cosine of each update to the consensus of the others (one more P-vector each way)
-        if algorithm.needs_cosines:
+        consensus_weights = algorithm.consensus_weights(t, prev_weights)
+        if consensus_weights is not None:
             enter("cosines")
             exponent = fixed_point_exponent(finite_max(train_table[:, 2]), num_clients) if comm.is_server else 0
             exponent = int(comm.bcast(np.array([exponent], dtype=np.int64))[0])
-            consensus = comm.bcast(weighted_sum(comm, layout, trained, prev_weights, 0.0, global_vec, exponent,
+            consensus = comm.bcast(weighted_sum(comm, layout, trained, consensus_weights, 0.0, global_vec, exponent,
                                                 exact, skip=local_bad))
-            table = np.zeros((num_clients, 1))
+            table = np.zeros((num_clients, len(algorithm.consensus_stats)))
             for cid in my_clients:
-                table[cid] = update_cosine(trained[cid], global_vec, consensus, prev_weights[cid], layout.param_mask)
+                table[cid] = algorithm.consensus_statistics(trained[cid], global_vec, consensus,
+                                                            consensus_weights[cid], layout.param_mask)
             comm.reduce_sum(table, table)
-            stats["cosine"] = table[:, 0]
+            stats.update({name: table[:, k] for k, name in enumerate(algorithm.consensus_stats)})
             del consensus
 
         # 4. aggregation weights, decided by the server: [a_1..a_N, keep, fixed-point exponent]

@@ -48,7 +48,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from hpcfl.config import ALGORITHMS, Config
+from hpcfl.algorithms import available
+from hpcfl.config import Config
 from hpcfl.errors import UsageError
 from hpcfl.io import write_text
 
@@ -249,9 +250,9 @@ def _default_optimizer(name: str) -> str | None:
 
 
 def method_order(run: Run) -> tuple[int, str]:
-    """Sort key of a run's method: the order of hpcfl.config.ALGORITHMS (baselines first), then the label."""
-    name = run.get("algorithm.name")
-    return ALGORITHMS.index(name) if name in ALGORITHMS else len(ALGORITHMS), method_of(run)
+    """Sort key of a run's method: the registry's listing order (baselines first), then the label."""
+    name, known = run.get("algorithm.name"), available()
+    return known.index(name) if name in known else len(known), method_of(run)
 
 
 def _relevant(run: Run) -> dict[str, Any]:
@@ -317,7 +318,7 @@ def _show(value: Any) -> str:
 
 
 def group_runs(runs: list[Run], group_by: list[str], last: int) -> list[Setting]:
-    """Settings in order of first appearance, methods in the order of ALGORITHMS; checked (see check_setting)."""
+    """Settings in order of first appearance, methods in the registry's order; checked (see check_setting)."""
     keys = setting_keys(runs, group_by)
     settings: dict[tuple, Setting] = {}
     for run in runs:

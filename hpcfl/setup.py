@@ -16,7 +16,7 @@ from hpcfl.comm import Comm
 from hpcfl.config import Config, ConfigError, config_differences, load
 from hpcfl.data.shards import read_checked
 from hpcfl.errors import UsageError
-from hpcfl.local.trainer import ClientData
+from hpcfl.client.trainer import ClientData
 
 log = logging.getLogger("hpcfl")
 

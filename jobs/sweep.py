@@ -417,11 +417,11 @@ def num_clients(cfg) -> int | None:
 
 
 def validate_options(opts) -> None:
-    from hpcfl.config import ALGORITHMS
+    from hpcfl.algorithms import available
 
-    unknown = [a for a in opts.algorithms if a not in ALGORITHMS]
+    unknown = [a for a in opts.algorithms if a not in available()]
     if unknown:
-        raise SweepError(f"unknown algorithm(s) {', '.join(unknown)} (known: {', '.join(ALGORITHMS)})")
+        raise SweepError(f"unknown algorithm(s) {', '.join(unknown)} (known: {', '.join(available())})")
     for name, values in (("--algorithms", opts.algorithms), ("--seeds", opts.seeds)):
         dup = sorted({str(v) for v in values if values.count(v) > 1})
         if dup:

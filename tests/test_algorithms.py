@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from hpcfl import config
-from hpcfl.algorithms import available, build_algorithm
-from hpcfl.algorithms.base import project_to_simplex
+from hpcfl.algorithms import algorithm_class, available, build_algorithm
+from hpcfl.algorithms.base import AFTER_TRAINING, project_to_simplex
+from hpcfl.client.stats import STATISTICS
 from hpcfl.algorithms.fedism import sharpness_weights
 from hpcfl.algorithms.qfedavg import loss_power_weights, qffl_decision
 
@@ -19,8 +20,24 @@ def algo(name, rounds=10, **opts):
 SIZES = np.array([100, 300, 600])
 
 
-def test_registry_holds_the_eight_methods():
-    assert sorted(available()) == sorted(config.ALGORITHMS)
+def test_registry_holds_the_eight_methods_and_the_config_lists_them():
+    assert sorted(available()) == sorted(["fedavg", "afl", "qfedavg", "fairfed", "fedce", "fedga", "fedism",
+                                          "fedism_plus"])
+    assert config.AlgorithmConfig.__dataclass_fields__["name"].metadata["choices"] == tuple(available())
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_statistic_a_method_asks_for_is_defined(name):
+    a = algo(name, rounds=5)
+    for t in range(5):
+        assert set(a.stats_before(t)) <= set(STATISTICS), (name, t)
+
+
+def random_stats(name, rng, n=4):
+    """Every statistic the protocol can hand ``name``'s rule: registered ones, training results, its consensus ones."""
+    stats = {k: rng.random(n) for k in (*STATISTICS, *AFTER_TRAINING)}
+    stats.update({k: rng.uniform(-1, 1, n) for k in algorithm_class(name).consensus_stats})
+    return stats
 
 
 def test_fedavg_is_data_weighted():
@@ -150,16 +167,13 @@ def test_fedism_plus_schedule():
     assert algo("fedism", rho=0.05).rho(0) == 0.05
 
 
-@pytest.mark.parametrize("name", sorted(config.ALGORITHMS))
+@pytest.mark.parametrize("name", available())
 def test_every_weight_rule_stays_on_the_simplex(name):
     rng = np.random.default_rng(0)
     a = algo(name, rounds=5)
     sizes = rng.integers(10, 100, 4)
     for t in range(5):
-        stats = {k: rng.random(4) for k in ("loss", "sharpness", "bacc", "loss_prev_local", "loo_bacc",
-                                            "update_sq_norm")}
-        stats["cosine"] = rng.uniform(-1, 1, 4)
-        d = a.aggregate(t, sizes, stats)
+        d = a.aggregate(t, sizes, random_stats(name, rng))
         assert (d.weights >= 0).all() and d.weights.sum() == pytest.approx(1) and d.keep == 0
 
 
@@ -174,15 +188,14 @@ def test_algorithms_import_neither_mpi_nor_torch():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("name", sorted(config.ALGORITHMS))
+@pytest.mark.parametrize("name", available())
 def test_state_is_plain_json_and_restores_exactly(name):
     """Cross-round state survives a JSON round trip (checkpoints): the restored rule continues identically."""
     import json
 
     rng = np.random.default_rng(1)
     sizes = rng.integers(10, 100, 4)
-    rounds = [{k: rng.random(4) for k in ("loss", "sharpness", "bacc", "loss_prev_local", "loo_bacc",
-                                           "update_sq_norm", "cosine")} for _ in range(4)]
+    rounds = [random_stats(name, rng) for _ in range(4)]
     a = algo(name, rounds=4)
     for t in range(2):
         a.aggregate(t, sizes, rounds[t])

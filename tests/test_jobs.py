@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcfl.config import ALGORITHMS, load
+from hpcfl.algorithms import available
+from hpcfl.config import load
 from hpcfl.run import parse_args
 from jobs.__main__ import main
 from jobs.sweep import launch_block, split_values
@@ -143,7 +144,7 @@ def test_grid_values_keep_commas_inside_brackets_and_quotes():
 # ------------------------------------------------------------------------------------------------ refusals
 
 @pytest.mark.parametrize("extra, message", [
-    (["--algorithms", "fedsim"], "unknown algorithm(s) fedsim (known: " + ", ".join(ALGORITHMS) + ")"),
+    (["--algorithms", "fedsim"], "unknown algorithm(s) fedsim (known: " + ", ".join(available()) + ")"),
     (["--grid", "benchmark.num_corrupted"], "expected section.key=v1,v2"),
     (["--grid", "num_corrupted=2,4"], "the key must be section.key"),
     (["--grid", "benchmark.num_corrupted=2,,4"], "an empty value"),

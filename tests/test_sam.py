@@ -8,9 +8,9 @@ from torch import nn
 
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.flat import FlatLayout
-from hpcfl.local.sam import sam_step
-from hpcfl.local.stats import StatsContext, measure
-from hpcfl.local.trainer import ClientData
+from hpcfl.client.sam import sam_step
+from hpcfl.client.stats import StatsContext, measure
+from hpcfl.client.trainer import ClientData
 from hpcfl.models import build_model
 
 

@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcfl.algorithms.base import Algorithm, Decision, project_to_simplex, register_algorithm
+from dataclasses import dataclass
+
+from hpcfl.algorithms.base import Algorithm, AlgorithmOptions, Decision, project_to_simplex, register_algorithm
+from hpcfl.options import option
 
 
 @register_algorithm("afl")
 class AFL(Algorithm):
     variants = ("as_coded", "minimax")
+    order = 1
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @dataclass
+    class Options(AlgorithmOptions):
+        afl_lambda_lr: float = option(0.01, lo=0.0, doc="afl minimax: step γ_λ of the projected ascent on λ")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.lam: list[float] | None = None
 
     def stats_before(self, t):

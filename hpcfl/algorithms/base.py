@@ -1,27 +1,45 @@
-"""The algorithm interface and its registry.
+"""The algorithm interface and its registry: the one list of methods.
 
 An algorithm is the server's rule: per-client statistics in (NumPy arrays of N values, computed by the clients
 on their own shards and gathered by the protocol), aggregation weights out. It imports neither MPI nor torch, and
 its cross-round state is a plain dict of lists and floats (``state_dict``), ready for checkpoints.
 
+A method is one module in this package: a subclass of :class:`Algorithm` decorated with
+``@register_algorithm("name")``, with its own config keys in a nested ``Options`` dataclass (a subclass of
+:class:`AlgorithmOptions`). The package imports every module in it, the config's ``[algorithm]`` section is built
+from the registry, and reports, sweeps and tests list the methods from it: adding a method touches one file
+(docs/algorithms.md, "Adding a method").
+
 What the protocol offers an algorithm each round t:
+
 - ``stats_before(t)``: names of statistics the clients compute at the broadcast model w^t before training
-  (see ``hpcfl/local/stats.py`` for each name's definition);
+  (``hpcfl/client/stats.py`` defines each name);
 - always, after training: ``train_loss`` (mean mini-batch loss), ``steps``, ``update_sq_norm`` (‖w^t − w_i‖²
   over the parameters);
-- ``needs_cosines``: FedCE's cos(Δ_i, Δ_c − c_i Δ_i) against the consensus update, as statistic ``cosine``;
+- ``consensus_weights(t, prev_weights)``: when not None, the clients also receive the consensus model
+  Σ_j c_j w_j^t of their new local models with these weights, and each computes ``consensus_statistics`` of its
+  own update against it (FedCE's cosines), named by ``consensus_stats``;
 - ``keeps_local_model``: clients keep their last local model w_i^{t-1} for the next round's statistics.
 
-``aggregate`` returns a ``Decision``: w^{t+1} = keep · w^t + Σ_i weights_i · w_i^t. For a model average
-``keep = 0`` and the weights sum to 1; q-FFL's update keeps part of w^t.
+``stats_before``, ``rho``, ``consensus_weights`` and ``consensus_statistics`` run on every rank and must depend on
+their arguments and options only; ``aggregate`` and the state run on the server. ``aggregate`` returns a
+``Decision``: w^{t+1} = keep · w^t + Σ_i weights_i · w_i^t. For a model average ``keep = 0`` and the weights sum to
+1; q-FFL's update keeps part of w^t.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from hpcfl.options import ConfigError, option
+
+
+# What the protocol measures after local training, for every algorithm (its table of training results).
+AFTER_TRAINING = ("train_loss", "steps", "update_sq_norm")
 
 
 @dataclass
@@ -30,25 +48,49 @@ class Decision:
     keep: float = 0.0  # coefficient of the broadcast model w^t in w^{t+1}
 
 
+@dataclass
+class AlgorithmOptions:
+    """The keys of [algorithm] that every method has. A method's ``Options`` adds its own."""
+
+    name: str = option("fedavg", doc="aggregation rule")
+    variant: str = option("as_coded", doc="'as_coded' = the official code; the papers' versions where a method "
+                                          "has them (qfedavg: 'qffl'; afl: 'minimax'; fairfed: 'corrected')")
+    rho: float = option(0.05, lo=0.0, doc="search distance ρ (ρ_max of fedism_plus) of local SAM/GSAM and of the "
+                                          "sharpness measurement")
+    stats_augment: bool = option(True, doc="client statistics on augmented data (as the reference) or "
+                                           "un-augmented")
+
+
+def q_option(doc: str):
+    """``q``, shared by methods that raise something to a power: -1 selects the method's own default."""
+    return option(-1.0, lo=-1.0, doc=doc)
+
+
 class Algorithm:
     name: str = ""
     variants: tuple[str, ...] = ("as_coded",)
-    default_q: float | None = None
     default_local_optimizer: str = "plain"
     keeps_local_model: bool = False
-    needs_cosines: bool = False
+    consensus_stats: tuple[str, ...] = ()
+    order: int = 100  # place in listings and report tables (the paper's order; new methods come last)
+    Options = AlgorithmOptions
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.opts = cfg.algorithm
-        self.rounds = cfg.run.rounds
-        if self.opts.variant not in self.variants:
-            from hpcfl.errors import UsageError
+    def __init__(self, opts: AlgorithmOptions, rounds: int, lr: float):
+        """``opts``: this method's options; ``rounds``: T (for schedules); ``lr``: the local learning rate (q-FFL's
+        default Lipschitz constant is 1/lr)."""
+        self.opts, self.rounds, self.lr = opts, rounds, lr
 
-            raise UsageError(f"algorithm.variant: {self.opts.variant!r} is not a variant of {self.name} "
-                             f"(its variants: {', '.join(self.variants)})")
-        self.q = self.opts.q if self.opts.q >= 0 else self.default_q
+    @classmethod
+    def check_options(cls, opts: AlgorithmOptions) -> None:
+        """Refuse option values that are in range but meaningless together (raise ConfigError)."""
+        if cls.variants and opts.variant not in cls.variants:
+            raise ConfigError(f"algorithm.variant: {opts.variant!r} is not a variant of {cls.name} "
+                              f"(its variants: {', '.join(cls.variants)})")
+        q = getattr(opts, "q", None)
+        if q is not None and q < 0 and q != -1.0:
+            raise ConfigError(f"algorithm.q: {q!r} must be -1 (the method's default) or >= 0")
 
+    # ------------------------------------------------------------------ every rank
     def stats_before(self, t: int) -> tuple[str, ...]:
         return ()
 
@@ -56,6 +98,14 @@ class Algorithm:
         """Search distance ρ_t of round t (local SAM/GSAM and the sharpness measurement)."""
         return self.opts.rho
 
+    def consensus_weights(self, t: int, prev_weights: np.ndarray) -> np.ndarray | None:
+        return None
+
+    def consensus_statistics(self, local: np.ndarray, global_vec: np.ndarray, consensus: np.ndarray,
+                             own_weight: float, param_mask: np.ndarray) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the server
     def aggregate(self, t: int, sizes: np.ndarray, stats: dict[str, np.ndarray]) -> Decision:
         raise NotImplementedError
 
@@ -73,6 +123,8 @@ def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]
     def deco(cls):
         if name in _REGISTRY:
             raise ValueError(f"algorithm {name!r} registered twice")
+        if not (dataclasses.is_dataclass(cls.Options) and issubclass(cls.Options, AlgorithmOptions)):
+            raise TypeError(f"{cls.__name__}.Options must be a dataclass subclassing AlgorithmOptions")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -81,18 +133,26 @@ def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]
 
 
 def available() -> list[str]:
-    return list(_REGISTRY)
+    """The registered methods, in listing order."""
+    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].order, n))
 
 
 def algorithm_class(name: str) -> type[Algorithm]:
     if name not in _REGISTRY:
-        raise ValueError(f"algorithm.name: unknown algorithm {name!r} (known: {', '.join(available())})")
+        raise ConfigError(f"algorithm.name: unknown algorithm {name!r} (known: {', '.join(available())})")
     return _REGISTRY[name]
 
 
+def options_of(name: str, section) -> AlgorithmOptions:
+    """The method's own ``Options`` taken from the config's [algorithm] section (which holds every method's keys)."""
+    cls = algorithm_class(name)
+    return cls.Options(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls.Options)})
+
+
 def build_algorithm(cfg) -> Algorithm:
-    """``cfg`` is the whole run config: algorithms read [algorithm] and, for schedules, run.rounds."""
-    return algorithm_class(cfg.algorithm.name)(cfg)
+    """The run's algorithm, handed its own options, the number of rounds and the local learning rate."""
+    cls = algorithm_class(cfg.algorithm.name)
+    return cls(options_of(cls.name, cfg.algorithm), rounds=cfg.run.rounds, lr=cfg.train.lr)
 
 
 def normalise(w: np.ndarray) -> np.ndarray:

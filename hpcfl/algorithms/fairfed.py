@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcfl.algorithms.base import Algorithm, Decision, normalise, register_algorithm
+from dataclasses import dataclass
+
+from hpcfl.algorithms.base import Algorithm, AlgorithmOptions, Decision, normalise, register_algorithm
+from hpcfl.options import option
 
 
 def fairfed_step(prev: np.ndarray, acc: np.ndarray, sizes: np.ndarray, beta: float, corrected: bool) -> np.ndarray:
@@ -28,9 +31,14 @@ def fairfed_step(prev: np.ndarray, acc: np.ndarray, sizes: np.ndarray, beta: flo
 @register_algorithm("fairfed")
 class FairFed(Algorithm):
     variants = ("as_coded", "corrected")
+    order = 3
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @dataclass
+    class Options(AlgorithmOptions):
+        fairness_beta: float = option(1.0, lo=0.0, doc="fairfed: step β of the weight update")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.prev: list[float] | None = None
 
     def stats_before(self, t):

@@ -7,5 +7,7 @@ from hpcfl.algorithms.base import Algorithm, Decision, normalise, register_algor
 
 @register_algorithm("fedavg")
 class FedAvg(Algorithm):
+    order = 0
+
     def aggregate(self, t, sizes, stats):
         return Decision(normalise(sizes))

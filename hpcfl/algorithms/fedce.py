@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcfl.algorithms.base import Algorithm, Decision, normalise, register_algorithm
+from dataclasses import dataclass
+
+from hpcfl.algorithms.base import Algorithm, AlgorithmOptions, Decision, normalise, register_algorithm
+from hpcfl.options import option
 
 
 def _unit_sum(v: np.ndarray) -> np.ndarray:
@@ -23,19 +26,41 @@ def _unit_sum(v: np.ndarray) -> np.ndarray:
     return v / total if total > 0 else np.full(len(v), 1.0 / len(v))
 
 
+def update_cosine(local: np.ndarray, global_vec: np.ndarray, consensus: np.ndarray, weight: float,
+                  mask: np.ndarray) -> float:
+    """cos(Δ_i, Δ_c − c_i·Δ_i) with Δ_i = w_i − w^t and Δ_c = consensus − w^t, over parameters only."""
+    g = global_vec[mask].astype(np.float64)
+    d_i = local[mask] - g
+    d_rest = (consensus[mask] - g) - weight * d_i
+    denom = np.linalg.norm(d_i) * np.linalg.norm(d_rest)
+    return float(np.dot(d_i, d_rest) / denom) if denom > 0 else 0.0
+
+
 @register_algorithm("fedce")
 class FedCE(Algorithm):
     keeps_local_model = True
-    needs_cosines = True
+    consensus_stats = ("cosine",)
+    order = 4
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @dataclass
+    class Options(AlgorithmOptions):
+        fedce_mode: str = option("times", choices=("times", "plus"),
+                                 doc="fedce: how cosine and leave-one-out terms combine")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.cos_hist: list[list[float]] = []
         self.mv_hist: list[list[float]] = []
         self.new_hist: list[list[float]] = []
 
     def stats_before(self, t):
         return ("loo_bacc",) if t > 0 else ()
+
+    def consensus_weights(self, t, prev_weights):
+        return prev_weights  # the consensus update Δ_c = Σ_j c_j Δ_j, with last round's coefficients
+
+    def consensus_statistics(self, local, global_vec, consensus, own_weight, param_mask):
+        return (update_cosine(local, global_vec, consensus, own_weight, param_mask),)
 
     def aggregate(self, t, sizes, stats):
         n = len(sizes)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcfl.algorithms.base import Algorithm, Decision, normalise, register_algorithm
+from dataclasses import dataclass
+
+from hpcfl.algorithms.base import Algorithm, AlgorithmOptions, Decision, normalise, register_algorithm
+from hpcfl.options import option
 
 
 def fedga_step(prev: np.ndarray, gap: np.ndarray, step: float) -> np.ndarray:
@@ -28,9 +31,14 @@ def fedga_step(prev: np.ndarray, gap: np.ndarray, step: float) -> np.ndarray:
 @register_algorithm("fedga")
 class FedGA(Algorithm):
     keeps_local_model = True
+    order = 5
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @dataclass
+    class Options(AlgorithmOptions):
+        fedga_step: float = option(0.05, lo=0.0, doc="fedga: base step d (decays linearly to 0 over the rounds)")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.prev: list[float] | None = None
 
     def stats_before(self, t):

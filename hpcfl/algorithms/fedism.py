@@ -1,7 +1,7 @@
 """FedISM (Wu et al., IJCAI'24; reference §3) and FedISM+ (§4): inter-client sharpness matching.
 
 Each client measures its sharpness at the broadcast model, S_i = max(L_i(w^t + ε_i) − L_i(w^t), 1e-10) with
-ε_i = ρ_t·∇L_i/‖∇L_i‖ (plain CE over its whole shard, eval mode; ``hpcfl/local/stats.py``). The server weights
+ε_i = ρ_t·∇L_i/‖∇L_i‖ (plain CE over its whole shard, eval mode; ``hpcfl/client/stats.py``). The server weights
 â_i = S_i/Σ S, â ← (â + 1e-10)^q normalised, then an EMA over rounds a^t = β·â^t + (1 − β)·a^{t−1} (a^0 = â^0).
 Data sizes are not used. Local training is GSAM by default.
 
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcfl.algorithms.base import Algorithm, Decision, normalise, register_algorithm
+from dataclasses import dataclass
+
+from hpcfl.algorithms.base import Algorithm, AlgorithmOptions, Decision, normalise, q_option, register_algorithm
+from hpcfl.options import option
 
 
 def sharpness_weights(sharpness: np.ndarray, q: float) -> np.ndarray:
@@ -22,12 +25,21 @@ def sharpness_weights(sharpness: np.ndarray, q: float) -> np.ndarray:
 
 @register_algorithm("fedism")
 class FedISM(Algorithm):
-    default_q = 2.0
     default_local_optimizer = "gsam"
+    order = 6
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @dataclass
+    class Options(AlgorithmOptions):
+        q: float = q_option("fedism: exponent of the sharpness (-1: 2)")
+        ema_beta: float = option(0.5, lo=0.0, hi=1.0, doc="fedism: EMA weight of the new round's weights")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.prev: list[float] | None = None
+
+    @property
+    def q(self) -> float:
+        return self.opts.q if self.opts.q >= 0 else 2.0
 
     def stats_before(self, t):
         return ("sharpness",)
@@ -49,5 +61,11 @@ class FedISM(Algorithm):
 
 @register_algorithm("fedism_plus")
 class FedISMPlus(FedISM):
+    order = 7
+
+    @dataclass
+    class Options(FedISM.Options):
+        rho_power: float = option(0.5, lo=0.0, doc="fedism_plus: ρ_t = ρ·((t+1)/T)^rho_power")
+
     def rho(self, t):
         return self.opts.rho * ((t + 1) / self.rounds) ** self.opts.rho_power

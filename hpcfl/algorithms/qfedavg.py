@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcfl.algorithms.base import Algorithm, Decision, normalise, register_algorithm
+from dataclasses import dataclass
+
+from hpcfl.algorithms.base import Algorithm, AlgorithmOptions, Decision, normalise, q_option, register_algorithm
+from hpcfl.options import option
 
 
 def loss_power_weights(losses: np.ndarray, q: float) -> np.ndarray:
@@ -31,13 +34,22 @@ def qffl_decision(losses: np.ndarray, update_sq_norms: np.ndarray, q: float, lip
 @register_algorithm("qfedavg")
 class QFedAvg(Algorithm):
     variants = ("as_coded", "qffl")
-    default_q = 1.0
+    order = 2
+
+    @dataclass
+    class Options(AlgorithmOptions):
+        q: float = q_option("qfedavg: exponent of the loss (-1: 1)")
+        qffl_lipschitz: float = option(0.0, lo=0.0, doc="qfedavg qffl: Lipschitz constant L; 0: 1/train.lr")
+
+    @property
+    def q(self) -> float:
+        return self.opts.q if self.opts.q >= 0 else 1.0
 
     def stats_before(self, t):
         return ("loss",)
 
     def aggregate(self, t, sizes, stats):
         if self.opts.variant == "qffl":
-            lipschitz = self.opts.qffl_lipschitz or 1.0 / self.cfg.train.lr
+            lipschitz = self.opts.qffl_lipschitz or 1.0 / self.lr
             return qffl_decision(stats["loss"], stats["update_sq_norm"], self.q, lipschitz)
         return Decision(loss_power_weights(stats["loss"], self.q))

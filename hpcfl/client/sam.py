@@ -16,6 +16,8 @@ Weight decay stays inside the base optimizer, so ε ignores it (as in davda54/sa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -44,7 +46,25 @@ class FrozenBNStats:
 
 
 def global_grad_norm(params) -> torch.Tensor:
+    """One L2 norm over the gradients of every parameter in ``params``."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+
+@contextlib.contextmanager
+def perturbed(params, directions, scale: float):
+    """Within the block, w = w + scale·d for each parameter w and its direction d; on leaving, w is restored from
+    an exact copy (subtracting the step again would drift by rounding). Serves local SAM/GSAM and the sharpness
+    measurement alike; each computes its own scale ρ/‖g‖."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            p.add_(d, alpha=scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
 
 
 def sam_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, rho: float, alpha: float | None
@@ -60,15 +80,12 @@ def sam_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, rho: f
     g = [p.grad.detach().clone() for p in params]
     g_norm = global_grad_norm(params)
     scale = rho / (g_norm + _EPS)
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, gi in zip(params, g):
-            p.add_(gi, alpha=float(scale))
-    optimizer.zero_grad(set_to_none=True)
-    with FrozenBNStats(model):
-        loss_fn(model).backward()
-    with torch.no_grad():
-        if alpha is not None:
+    with perturbed(params, g, float(scale)):
+        optimizer.zero_grad(set_to_none=True)
+        with FrozenBNStats(model):
+            loss_fn(model).backward()
+    if alpha is not None:
+        with torch.no_grad():
             gp_norm = global_grad_norm(params)
             inner = sum((gi * p.grad).sum() for gi, p in zip(g, params))
             cos = inner / (g_norm * gp_norm + _EPS)
@@ -76,7 +93,5 @@ def sam_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, rho: f
             for p, gi in zip(params, g):
                 # d = g_p - alpha * (g - coef * g_p)
                 p.grad.mul_(1 + alpha * coef).sub_(gi, alpha=alpha)
-        for p, w in zip(params, saved):
-            p.copy_(w)
     optimizer.step()
     return loss.detach()

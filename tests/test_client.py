@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hpcfl.config import TrainConfig
 from hpcfl.data.transforms import BatchTransform, random_affine_flip
 from hpcfl.flat import FlatLayout
-from hpcfl.local.losses import ABSENT_CLASS_LOG_PRIOR, log_prior, logit_adjusted_ce
-from hpcfl.local.trainer import ClientData, batches, train_client
+from hpcfl.client.losses import ABSENT_CLASS_LOG_PRIOR, log_prior, logit_adjusted_ce
+from hpcfl.client.trainer import ClientData, batches, train_client
 from hpcfl.models import build_model
 
 

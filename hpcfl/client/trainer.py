@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from hpcfl.data.transforms import BatchTransform
-from hpcfl.local.losses import log_prior, logit_adjusted_ce
-from hpcfl.local.sam import sam_step
+from hpcfl.client.losses import log_prior, logit_adjusted_ce
+from hpcfl.client.sam import sam_step
 
 
 @dataclass

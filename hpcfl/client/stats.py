@@ -1,5 +1,8 @@
 """Client-side statistics: the scalars an algorithm needs, measured by each client on its own shard.
 
+Each statistic is a function of a :class:`StatsContext`, registered under its name with ``@statistic``; an
+algorithm asks for statistics by name (``Algorithm.stats_before``).
+
 All of them use the plain cross-entropy (no logit adjustment) in eval mode (BatchNorm with running statistics),
 over the client's whole training shard, as the reference does on the server (§3.4, §5). With
 ``algorithm.stats_augment = true`` (the reference) every pass sees its own random augmentation of the images,
@@ -17,6 +20,7 @@ drawn from the client's ``stats`` stream; with ``false`` the images are used as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,9 +28,20 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
 from hpcfl.flat import FlatLayout
-from hpcfl.local.trainer import ClientData
+from hpcfl.client.sam import global_grad_norm, perturbed
+from hpcfl.client.trainer import ClientData
 
-STAT_NAMES = ("loss", "sharpness", "bacc", "loss_prev_local", "loo_bacc")
+STATISTICS: dict[str, Callable[["StatsContext"], float]] = {}
+
+
+def statistic(name: str):
+    """Register a client statistic under ``name``."""
+    def deco(fn):
+        if name in STATISTICS:
+            raise ValueError(f"client statistic {name!r} registered twice")
+        STATISTICS[name] = fn
+        return fn
+    return deco
 
 
 @dataclass
@@ -43,6 +58,10 @@ class StatsContext:
     rho: float = 0.0
     prev_local: np.ndarray | None = None  # w_i^{t-1}
     prev_weight: float | None = None  # c_i, the client's weight in the last aggregation
+
+    def load(self, vec: np.ndarray) -> None:
+        """Put the model at ``vec``."""
+        self.layout.load_vector(self.model, vec)
 
 
 def _batches(ctx: StatsContext):
@@ -68,8 +87,22 @@ def balanced_accuracy(ctx: StatsContext) -> float:
     return float(balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(preds).numpy()))
 
 
+@statistic("loss")
+def loss(ctx: StatsContext) -> float:
+    ctx.load(ctx.global_vec)
+    return mean_loss(ctx)
+
+
+@statistic("bacc")
+def bacc(ctx: StatsContext) -> float:
+    ctx.load(ctx.global_vec)
+    return balanced_accuracy(ctx)
+
+
+@statistic("sharpness")
 def sharpness(ctx: StatsContext) -> float:
     """S = L(w + ε) − L(w), clipped at 1e-10: three passes (loss, gradient, perturbed loss), as the reference."""
+    ctx.load(ctx.global_vec)
     model = ctx.model
     loss = mean_loss(ctx)
     model.eval()
@@ -77,39 +110,35 @@ def sharpness(ctx: StatsContext) -> float:
     for x, y in _batches(ctx):
         F.cross_entropy(model(x), y, reduction="sum").backward()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    scale = ctx.rho / (float(norm) + 1e-12)
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p in params:
-            p.add_(p.grad, alpha=scale)
-    model.zero_grad(set_to_none=True)
-    perturbed = mean_loss(ctx)
-    with torch.no_grad():
-        for p, w in zip(params, saved):
-            p.copy_(w)
-    return max(perturbed - loss, 1e-10)
+    scale = ctx.rho / (float(global_grad_norm(params)) + 1e-12)
+    with perturbed(params, [p.grad for p in params], scale):
+        model.zero_grad(set_to_none=True)
+        loss_perturbed = mean_loss(ctx)
+    return max(loss_perturbed - loss, 1e-10)
+
+
+@statistic("loss_prev_local")
+def loss_prev_local(ctx: StatsContext) -> float:
+    ctx.load(ctx.prev_local)
+    return mean_loss(ctx)
+
+
+@statistic("loo_bacc")
+def loo_bacc(ctx: StatsContext) -> float:
+    c = float(ctx.prev_weight)
+    if c < 1.0 - 1e-12:
+        loo = (ctx.global_vec.astype(np.float64) - c * ctx.prev_local) / (1.0 - c)
+    else:  # the only client with weight: there is no "rest of the federation" to measure
+        loo = ctx.global_vec
+    ctx.load(loo.astype(np.float32))
+    return balanced_accuracy(ctx)
 
 
 def measure(names: tuple[str, ...], ctx: StatsContext) -> list[float]:
     """The statistics ``names`` of one client, in that order. Leaves the model holding w^t."""
-    out = []
-    for name in names:
-        if name in ("loss", "sharpness", "bacc"):
-            ctx.layout.load_vector(ctx.model, ctx.global_vec)
-            out.append({"loss": mean_loss, "sharpness": sharpness, "bacc": balanced_accuracy}[name](ctx))
-        elif name == "loss_prev_local":
-            ctx.layout.load_vector(ctx.model, ctx.prev_local)
-            out.append(mean_loss(ctx))
-        elif name == "loo_bacc":
-            c = float(ctx.prev_weight)
-            if c < 1.0 - 1e-12:
-                loo = (ctx.global_vec.astype(np.float64) - c * ctx.prev_local) / (1.0 - c)
-            else:  # the only client with weight: there is no "rest of the federation" to measure
-                loo = ctx.global_vec
-            ctx.layout.load_vector(ctx.model, loo.astype(np.float32))
-            out.append(balanced_accuracy(ctx))
-        else:
-            raise ValueError(f"unknown client statistic {name!r} (known: {', '.join(STAT_NAMES)})")
-    ctx.layout.load_vector(ctx.model, ctx.global_vec)
+    unknown = [n for n in names if n not in STATISTICS]
+    if unknown:
+        raise ValueError(f"unknown client statistic(s) {unknown} (known: {', '.join(STATISTICS)})")
+    out = [STATISTICS[name](ctx) for name in names]
+    ctx.load(ctx.global_vec)
     return out
