@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcfl.errors import UsageError
-from hpcfl.io import atomic_path, write_json
+from hpcfl.atomic import atomic_path, write_json
 
 POINTER = "checkpoint.json"
 

@@ -3,7 +3,7 @@
 Two implementations of one small interface:
 
 - ``MPIComm``: world size >= 2. Rank 0 is the server, ranks 1..W-1 host the clients.
-- ``LocalComm``: single-rank mode (``python -m hpcfl.run`` without mpirun): one process is the server and hosts
+- ``SingleProcessComm``: single-rank mode (``python -m hpcfl.run`` without mpirun): one process is the server and hosts
   every client; the collectives are copies.
 
 Everything travels through mpi4py's uppercase, buffer-based collectives on contiguous NumPy arrays (the model
@@ -99,7 +99,7 @@ class Comm:
         raise NotImplementedError
 
 
-class LocalComm(Comm):
+class SingleProcessComm(Comm):
     """Single-rank mode: the server hosts every client; collectives are identities."""
 
     def bcast(self, buf):
@@ -176,9 +176,9 @@ def world() -> Comm:
 
     ``HPCFL_NO_MPI=1`` skips importing mpi4py altogether (for machines without an MPI runtime)."""
     if os.environ.get("HPCFL_NO_MPI") == "1":
-        return LocalComm()
+        return SingleProcessComm()
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_size() == 1:
-        return LocalComm()
+        return SingleProcessComm()
     return MPIComm(MPI.COMM_WORLD)

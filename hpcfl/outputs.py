@@ -1,4 +1,5 @@
-"""What a run writes on the server: metrics.jsonl, metrics.csv, optional TensorBoard events, the progress line.
+"""What a run writes on the server: metrics.jsonl, metrics.csv, optional TensorBoard events, the progress line;
+and the server's record of the run, which completes each metrics line with the test-set evaluation.
 
 metrics.jsonl and metrics.csv are rewritten atomically at every evaluated round (a reader never sees half a
 line); TensorBoard's event files are append-only logs, written only when the ``tensorboard`` package is installed.
@@ -11,9 +12,13 @@ import io
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
-from hpcfl.io import write_text
+import numpy as np
+
+from hpcfl.atomic import write_text
+from hpcfl.metrics import classification_metrics, gaps, predict_proba
 
 log = logging.getLogger("hpcfl")
 SCALAR_METRICS = ("bacc", "auc", "acc", "f1", "f1_weighted", "auc_weighted")
@@ -102,3 +107,34 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             Progress.active_bar = False
+
+
+class ServerRecord:
+    """The server's record of the run: test-set evaluation, metrics lines, progress. Under MPI the evaluation of
+    w^{t+1} is deferred to the next round's start, while the clients train (at the latest before a checkpoint
+    or at the end); alone, the server evaluates at once."""
+
+    def __init__(self, fed, lines: list[dict], start: int):
+        self.fed, self.pending = fed, None
+        self.runlog = RunLog(fed.out_dir, lines)
+        self.progress = Progress(fed.cfg.run.rounds, start, enabled=sys.stderr.isatty())
+
+    def add(self, vec: np.ndarray, line: dict) -> None:
+        self.pending = (vec.copy(), line)
+        if self.fed.comm.size == 1 or line["round"] == self.fed.cfg.run.rounds - 1:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Test the pending model on every test set, complete its metrics line, log it."""
+        if self.pending is None:
+            return
+        (vec, partial), fed = self.pending, self.fed
+        fed.layout.load_vector(fed.model, vec)
+        results = {name: classification_metrics(labels, predict_proba(fed.model, images, fed.transform,
+                                                                      fed.cfg.eval.batch_size))
+                   for name, (images, labels) in fed.test_sets.items()}
+        line = {"round": partial["round"], "algorithm": partial["algorithm"], "metrics": results,
+                "gap": gaps(results), **partial}
+        self.runlog.add(line)
+        self.progress.round_done(progress_text(line, fed.cfg.run.rounds))
+        self.pending = None

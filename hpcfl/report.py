@@ -51,7 +51,7 @@ else:  # pragma: no cover
 from hpcfl.algorithms import available
 from hpcfl.config import Config
 from hpcfl.errors import UsageError
-from hpcfl.io import write_text
+from hpcfl.atomic import write_text
 
 METHOD_KEYS = ("algorithm.name", "algorithm.variant", "train.local_optimizer")
 BUILTIN_KEYS = ("benchmark.num_corrupted", "benchmark.corruption", "benchmark.severity")
@@ -66,7 +66,7 @@ def save_figure(fig, path: Path) -> None:
     """Write a figure atomically (a reader never sees half a PNG) and free it."""
     import matplotlib.pyplot as plt
 
-    from hpcfl.io import atomic_path
+    from hpcfl.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -39,7 +39,7 @@ def setup_logging(rank: int, size: int) -> None:
     from hpcfl.outputs import Progress
 
     """Console: rank 0 tells the progress; other ranks only warnings. Each rank's full log also goes to its file
-    in the run directory (protocol.add_rank_log)."""
+    in the run directory (supervise.add_rank_log)."""
     fmt = "%(asctime)s [rank %(rank)d] %(message)s" if size > 1 else "%(asctime)s %(message)s"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
@@ -53,22 +53,6 @@ def setup_logging(rank: int, size: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
-
-
-def to_rank_log(text: str) -> None:
-    """Also keep a failure in this rank's log file (the console already shows it)."""
-    for handler in logging.getLogger("hpcfl").handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.stream.write(text.rstrip("\n") + "\n")
-            handler.flush()
-
-
-def request_stop(signum, frame) -> None:
-    """SLURM's pre-emption warning (``--signal=B:USR1@...``, forwarded by the job script) or SIGTERM: finish the
-    current round, checkpoint, exit with code 3 so that the job script can requeue."""
-    from hpcfl import protocol
-
-    protocol.stop_requested = True
 
 
 def main(argv=None) -> int:
@@ -95,8 +79,9 @@ def main(argv=None) -> int:
     out_dir = Path(cfg.run.out)
 
     from hpcfl import protocol
+    from hpcfl.supervise import Where, request_stop, to_rank_log
 
-    where = protocol.Where()
+    where = Where()
     signal.signal(signal.SIGUSR1, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:

@@ -51,7 +51,7 @@ import numpy as np
 
 from hpcfl.data.shards import MANIFEST, client_file, sha256_of, test_file, write_manifest
 from hpcfl.errors import UsageError
-from hpcfl.io import atomic_path, write_json, write_text
+from hpcfl.atomic import atomic_path, write_json, write_text
 from preprocess.corrupt import corrupt
 
 PROGRESS = "progress.json"

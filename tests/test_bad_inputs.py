@@ -41,7 +41,7 @@ from hpcfl.data.shards import test_file as set_file
 from tests.conftest import REPO, TINY, launch, sets
 
 BAD = Path(__file__).parent / "bad_inputs"
-# What a run directory holds once a run has really started (hpcfl/setup.py RUN_FILES); logs/ may exist earlier.
+# What a run directory holds once a run has really started (hpcfl/rundir.py RUN_FILES); logs/ may exist earlier.
 RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "metrics.csv", "final_model.npy", "checkpoint.json")
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hpcfl.comm import LocalComm, assign_clients
+from hpcfl.comm import SingleProcessComm, assign_clients
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 5, 20])
@@ -29,7 +29,7 @@ def test_more_client_ranks_than_clients_is_refused_with_advice():
 
 
 def test_local_comm_is_the_identity_and_hosts_everything():
-    comm = LocalComm()
+    comm = SingleProcessComm()
     assert comm.is_server and comm.size == 1 and comm.my_clients([3, 1, 2]) == [0, 1, 2]
     buf = np.arange(4.0)
     assert comm.bcast(buf) is buf

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from hpcfl.errors import UsageError
-from hpcfl.io import atomic_path, write_json
+from hpcfl.atomic import atomic_path, write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

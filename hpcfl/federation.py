@@ -1,0 +1,193 @@
+"""Before the first round: everything a rank holds for the whole run (the :class:`Federation`).
+
+The data (built-in benchmark built on first use), the clients' placement on ranks, the device, the model and its
+flat layout, the algorithm, the hosted clients' shards and, on the server, the test sets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcfl.algorithms import Algorithm, build_algorithm
+from hpcfl.client.trainer import ClientData
+from hpcfl.comm import Comm, assign_clients
+from hpcfl.config import Config
+from hpcfl.data.shards import load_manifest, read_checked
+from hpcfl.data.transforms import BatchTransform
+from hpcfl.errors import UsageError
+from hpcfl.flat import FlatLayout
+from hpcfl.models import build_model, input_channels
+from hpcfl.seeds import stream_seed
+from hpcfl.supervise import DebugHooks, Where
+
+log = logging.getLogger("hpcfl")
+
+
+@dataclass
+class Federation:
+    """What this rank knows and holds for the whole run; fixed after setup."""
+
+    cfg: Config
+    comm: Comm
+    out_dir: Path
+    where: Where
+    hooks: DebugHooks
+    data_dir: Path
+    manifest: dict
+    sizes: np.ndarray  # training samples per client (without the held-out parts)
+    corrupted: list[int]  # clients with corrupted training data
+    assignment: list[list[int]]  # clients of each client rank
+    my_clients: list[int]  # clients this rank hosts
+    device: torch.device
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, or a compiled view of it for local training
+    layout: FlatLayout
+    transform: BatchTransform
+    algorithm: Algorithm
+    clients: dict[int, ClientData] = field(default_factory=dict)  # hosted clients' training parts
+    val_parts: dict[int, ClientData | None] = field(default_factory=dict)  # and held-out parts
+    test_sets: dict[str, tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)  # server only
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def is_server(self) -> bool:
+        return self.comm.is_server
+
+    @property
+    def local_optimizer(self) -> str:
+        return self.cfg.local_optimizer()
+
+    @property
+    def exact(self) -> bool:
+        return self.cfg.run.aggregation == "exact"
+
+    def enter(self, phase: str) -> None:
+        self.hooks.enter(phase)
+
+
+def pick_device(cfg, comm: Comm) -> torch.device:
+    """Client ranks take GPU ``local_client_rank % gpus``; the server of a multi-rank job stays on the CPU.
+
+    Every rank calls this (the node-local rank is a collective)."""
+    want = cfg.run.device
+    if want == "cpu":
+        return torch.device("cpu")
+    local = comm.local_client_rank()
+    if comm.size > 1 and comm.is_server:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if want == "cuda":
+            raise UsageError("run.device = 'cuda' but no CUDA device is visible on this node")
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{local % torch.cuda.device_count()}")
+    torch.cuda.set_device(device)  # before any other CUDA call of this rank
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the reference
+    return device
+
+
+def prepare_data(cfg, comm: Comm, where: Where) -> Path:
+    """The shard directory; the built-in benchmark is built by the server on first use, the others wait."""
+    where.phase = "data"
+    if cfg.data.source != "builtin":
+        return Path(cfg.data.source)
+    from preprocess.synthetic import build, builtin_dir
+
+    directory = builtin_dir(cfg.data.cache_dir, cfg.benchmark)
+    if comm.is_server and not (directory / "manifest.json").is_file():
+        log.info("building the built-in benchmark in %s", directory)
+        build(directory, cfg.benchmark)
+    comm.barrier()
+    return directory
+
+
+def validation_count(n: int, fraction: float) -> int:
+    """Samples of a client's shard held out for its per-client metrics (at least one stays for training)."""
+    return min(int(round(n * fraction)), n - 1) if fraction > 0 else 0
+
+
+def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: float, seed: int,
+                device: torch.device | str = "cpu") -> tuple[ClientData, ClientData | None]:
+    """A client's training part and its held-out validation part (None when ``val_fraction`` is 0).
+
+    The split is a permutation keyed by (seed, client): the same whichever rank hosts the client. On a GPU the
+    training images are held on the device (uint8: about 50 MB per ICH client at 224 px), so batches are cut
+    and augmented there without a host-to-device copy per step."""
+    shard = read_checked(directory, manifest["clients"][client_id], manifest["num_classes"], manifest["image_shape"])
+    images, labels = torch.from_numpy(shard.images), torch.from_numpy(shard.labels)
+    n_val = validation_count(len(labels), val_fraction)
+    order = np.random.default_rng([seed, client_id, 7]).permutation(len(labels)) if n_val else np.arange(len(labels))
+    train_idx, val_idx = torch.from_numpy(np.sort(order[n_val:])), torch.from_numpy(np.sort(order[:n_val]))
+
+    def part(idx):
+        part_labels = labels[idx]
+        counts = np.bincount(part_labels.numpy(), minlength=manifest["num_classes"])
+        return ClientData(client_id, images[idx], part_labels, counts)
+
+    train = part(train_idx)
+    if torch.device(device).type == "cuda":
+        train = ClientData(client_id, train.images.to(device), train.labels.to(device), train.class_counts)
+    return train, (part(val_idx) if n_val else None)
+
+
+def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Federation:
+    """Every rank: the data, the placement, the device, the model w^0 (made from the run seed; the server's is
+    broadcast later), the algorithm and this rank's shards."""
+    hooks = DebugHooks(cfg.debug, comm.rank, comm.size, where)
+    data_dir = prepare_data(cfg, comm, where)
+
+    where.phase = "setup"
+    manifest = load_manifest(data_dir)
+    shard_sizes = np.array([c["n"] for c in manifest["clients"]], dtype=np.int64)
+    empty = [c for c in range(len(shard_sizes)) if shard_sizes[c] == 0]
+    if empty:
+        raise UsageError(f"client(s) {empty} of {data_dir} have no training samples: use more samples or fewer "
+                         "clients (benchmark.num_train, benchmark.num_clients)")
+    sizes = shard_sizes - np.array([validation_count(n, cfg.data.val_fraction) for n in shard_sizes])
+    corrupted = [c for c, entry in enumerate(manifest["clients"]) if entry.get("corruption")]
+    try:
+        assignment = assign_clients(sizes, comm.num_client_ranks)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    device = pick_device(cfg, comm)
+    log.info("rank %d computes on %s", comm.rank, device)
+    data_channels = int(manifest["image_shape"][2])
+
+    torch.manual_seed(stream_seed(cfg.run.seed, -1, -1, "init"))
+    model = build_model(cfg.model.name, int(manifest["num_classes"]), data_channels, cfg.model.width,
+                        cfg.model.pretrained_path, cfg.model.cnn_norm)
+    layout = FlatLayout(model)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # Local training may run a compiled view of the same modules (same parameters); the rest uses the model.
+    train_model = model if cfg.train.compile == "off" else torch.compile(model, mode=cfg.train.compile)
+    fed = Federation(
+        cfg=cfg, comm=comm, out_dir=out_dir, where=where, hooks=hooks, data_dir=data_dir, manifest=manifest,
+        sizes=sizes, corrupted=corrupted, assignment=assignment, my_clients=comm.my_clients(sizes), device=device,
+        model=model, train_model=train_model, layout=layout,
+        transform=BatchTransform(input_channels(cfg.model.name, data_channels), device, cfg.train.channels_last),
+        algorithm=build_algorithm(cfg))
+
+    fed.enter("data")
+    for cid in fed.my_clients:
+        where.client = cid
+        fed.clients[cid], fed.val_parts[cid] = load_client(data_dir, manifest, cid, cfg.data.val_fraction,
+                                                           cfg.run.seed, device)
+    where.client = None
+    if comm.is_server:
+        for entry in manifest["test_sets"]:
+            shard = read_checked(data_dir, entry, fed.num_classes, manifest["image_shape"])
+            fed.test_sets[entry["name"]] = (torch.from_numpy(shard.images), shard.labels)
+    return fed

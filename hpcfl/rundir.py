@@ -1,0 +1,107 @@
+"""The run directory: whether a run starts, resumes or is already complete, and its run.json.
+
+What a run directory holds is listed in docs/outputs.md; ``--overwrite`` removes exactly ``RUN_FILES`` and
+``RUN_DIRS`` and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from hpcfl import __version__, checkpoint
+from hpcfl.atomic import write_json, write_text
+from hpcfl.config import Config, ConfigError, config_differences, load
+from hpcfl.errors import UsageError
+
+log = logging.getLogger("hpcfl")
+
+RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "metrics.csv", "final_model.npy", checkpoint.POINTER)
+RUN_DIRS = ("logs", "tensorboard")
+
+FRESH, RESUME, COMPLETE = 0, 1, 2
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> tuple[int, Path | None]:
+    """Server: decide what to do with the run directory: (FRESH | RESUME | COMPLETE, checkpoint directory).
+
+    Same config and a checkpoint: resume. Same config, finished: complete (nothing to do). A different config is
+    refused with the keys that differ (``force`` resumes anyway); ``overwrite`` always starts afresh."""
+    stored = out_dir / "config.toml"
+    if overwrite or not stored.is_file():
+        if overwrite:
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+            for d in [*RUN_DIRS, *(p.name for p in out_dir.glob("checkpoint-*")),
+                      *(p.name for p in out_dir.glob(".checkpoint-*.tmp"))]:
+                shutil.rmtree(out_dir / d, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return FRESH, None
+    try:
+        previous = load(stored)
+    except ConfigError as e:
+        raise UsageError(f"{stored} is not a readable hpcfl config ({e}); pass --overwrite to start afresh") from None
+    differences = config_differences(previous, cfg)
+    if differences and not force:
+        raise UsageError(f"{out_dir} holds a run with a different config ({'; '.join(differences)}): "
+                         "choose another --out, --force to resume it with the new values, or --overwrite")
+    info_path = out_dir / "run.json"
+    if info_path.is_file() and "finished" in json.loads(info_path.read_text()) and not differences:
+        return COMPLETE, None
+    ckpt = checkpoint.latest(out_dir)
+    if ckpt is not None and not force:
+        stored_digest = checkpoint.load_state(ckpt).get("config_digest")
+        if stored_digest != cfg.digest():
+            raise UsageError(f"{ckpt / 'state.json'} was written under another config than {stored} holds now "
+                             "(--force resumes anyway, --overwrite starts afresh)")
+    if ckpt is None:
+        log.info("%s holds an unfinished run without a checkpoint: starting it again", out_dir)
+        return FRESH, None
+    return RESUME, ckpt
+
+
+def write_run_info(out_dir: Path, info: dict, resumed_at: int | None, world_size: int) -> None:
+    """run.json at the start of a run; a resumed run keeps its first start and lists every resumption."""
+    info = {**info, "started": _now()}
+    if resumed_at is not None:
+        path = out_dir / "run.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        info["started"] = previous.get("started", info["started"])
+        info["resumed"] = previous.get("resumed", []) + [{"round": resumed_at, "at": _now(),
+                                                          "world_size": world_size}]
+    write_json(out_dir / "run.json", info)
+
+
+def finish_run_info(out_dir: Path, wall_s: float) -> None:
+    """Mark the run complete in run.json (after the final model is written)."""
+    info = json.loads((out_dir / "run.json").read_text())
+    info.update({"finished": _now(), "wall_s": wall_s,
+                 "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    write_json(out_dir / "run.json", info)
+
+
+def record_start(fed, mode: int, start: int) -> None:
+    """Server: config.toml, run.json and the log lines that describe the run."""
+    cfg, comm = fed.cfg, fed.comm
+    write_text(fed.out_dir / "config.toml", cfg.to_toml())
+    first_rank = 1 if comm.size > 1 else 0
+    write_run_info(fed.out_dir, {
+        "hpcfl_version": __version__, "world_size": comm.size, "data_dir": str(fed.data_dir),
+        "num_clients": fed.num_clients, "num_classes": fed.num_classes, "class_names": fed.manifest["class_names"],
+        "corrupted_clients": fed.corrupted, "test_sets": list(fed.test_sets), "num_parameters": fed.layout.size,
+        "assignment": {str(r + first_rank): g for r, g in enumerate(fed.assignment)},
+        "torch_version": torch.__version__}, resumed_at=start if mode == RESUME else None, world_size=comm.size)
+    log.info("world size %d, %d clients (corrupted: %s), P = %d parameters, data %s", comm.size, fed.num_clients,
+             fed.corrupted, fed.layout.size, fed.data_dir)
+    for r, group in enumerate(fed.assignment):
+        log.info("client rank %d hosts clients %s (%d samples)", r + first_rank, group, int(fed.sizes[group].sum()))
