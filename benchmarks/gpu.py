@@ -119,7 +119,7 @@ def hpcfl_rate(model, images_u8, labels, batch, steps, amp, channels_last, augme
 def part1(device, size, steps, settings):
     from hpcfl.data.transforms import BatchTransform
     from hpcfl.models import build_model
-    from preprocess.render import render_images
+    from hpcfl.data.render import render_images
 
     rows = []
     for batch, amp, channels_last in settings:
@@ -156,7 +156,7 @@ def part2(ranks, quick):
         bench = dict(num_train=20000, num_test=2000, image_size=224)
         extra = ["run.device=cuda", "model.name=resnet18", "train.batch_size=32", "train.lr=0.0003"]
     from hpcfl.config import load
-    from preprocess.synthetic import build, builtin_dir
+    from hpcfl.data.builtin import build, builtin_dir
 
     cfg = load(None, [f"benchmark.{k}={v}" for k, v in bench.items()])
     directory = builtin_dir(cfg.data.cache_dir, cfg.benchmark)

@@ -59,7 +59,7 @@ def machine_line() -> str:
 
 
 def make_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from preprocess.render import CLASS_NAMES, render_images
+    from hpcfl.data.render import CLASS_NAMES, render_images
 
     labels = np.arange(n) % len(CLASS_NAMES)
     return render_images(labels, size, seed), labels.astype(np.int64)

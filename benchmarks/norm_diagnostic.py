@@ -25,9 +25,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.models import SmallCNN
-from preprocess.corrupt import corrupt
-from preprocess.render import render_images
-from preprocess.synthetic import TEST_INDEX_OFFSET, sorted_labels
+from hpcfl.data.corrupt import corrupt
+from hpcfl.data.render import render_images
+from hpcfl.data.builtin import TEST_INDEX_OFFSET, sorted_labels
 
 PRIOR = [0.022, 0.205, 0.13, 0.215, 0.428]
 

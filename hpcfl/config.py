@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 
 from hpcfl.algorithms import AlgorithmOptions, algorithm_class, available, options_of
+from hpcfl.data.corrupt import KINDS as CORRUPTION_KINDS
 from hpcfl.options import ConfigError, check_value, default_of, option, same_declaration
 
 
@@ -52,8 +53,6 @@ class DataConfig:
                                                          "metrics (0: none)")
 
 
-# preprocess/corrupt.py's registry (a test keeps the two equal)
-CORRUPTION_KINDS = ("gaussian", "blur", "poisson", "jpeg", "downsample", "contrast")
 
 
 @dataclass

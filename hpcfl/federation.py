@@ -17,6 +17,7 @@ from hpcfl.algorithms import Algorithm, build_algorithm
 from hpcfl.client.trainer import ClientData
 from hpcfl.comm import Comm, assign_clients
 from hpcfl.config import Config
+from hpcfl.data.builtin import build, builtin_dir
 from hpcfl.data.shards import load_manifest, read_checked
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
@@ -102,8 +103,6 @@ def prepare_data(cfg, comm: Comm, where: Where) -> Path:
     where.phase = "data"
     if cfg.data.source != "builtin":
         return Path(cfg.data.source)
-    from preprocess.synthetic import build, builtin_dir
-
     directory = builtin_dir(cfg.data.cache_dir, cfg.benchmark)
     if comm.is_server and not (directory / "manifest.json").is_file():
         log.info("building the built-in benchmark in %s", directory)

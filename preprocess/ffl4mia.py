@@ -7,7 +7,7 @@ file holds, so we parse the ``.npy`` header ourselves and unpickle the payload w
 that resolves only the four NumPy globals such a file needs and refuses every other global.
 
 Usage: ``python -m preprocess.ffl4mia FOLDER --corrupted 4`` prints per-client sizes and class
-counts (``--verify`` also re-runs :func:`preprocess.partition.dirichlet_partition` and reports
+counts (``--verify`` also re-runs :func:`hpcfl.data.partition.dirichlet_partition` and reports
 whether it reproduces the file exactly).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.partition import class_counts, dirichlet_partition
+from hpcfl.data.partition import class_counts, dirichlet_partition
 
 __all__ = [
     "PartitionFileError",

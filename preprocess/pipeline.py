@@ -52,7 +52,7 @@ import numpy as np
 from hpcfl.data.shards import MANIFEST, client_file, sha256_of, test_file, write_manifest
 from hpcfl.errors import UsageError
 from hpcfl.atomic import atomic_path, write_json, write_text
-from preprocess.corrupt import corrupt
+from hpcfl.data.corrupt import corrupt
 
 PROGRESS = "progress.json"
 SKIPPED = "skipped.csv"
@@ -662,7 +662,7 @@ def split_items(items: list[Item], args, strata: Sequence | None = None) -> tupl
 
 def dirichlet_split(items: list[Item], args) -> tuple[list[Item], list[Item], list[np.ndarray]]:
     """``--partition dirichlet``: stratified 80/20 split, then the reference's partition of the train rows."""
-    from preprocess.partition import dirichlet_partition
+    from hpcfl.data.partition import dirichlet_partition
 
     if args.corrupted >= args.clients:
         raise PipelineError(f"--corrupted {args.corrupted} must be below --clients {args.clients}")

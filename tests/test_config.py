@@ -83,10 +83,24 @@ def test_configuration_reference_is_current():
 
 
 def test_benchmark_corruptions_are_those_of_the_registry():
-    from preprocess.corrupt import CORRUPTIONS
+    from hpcfl.data.corrupt import CORRUPTIONS
 
-    assert config.CORRUPTION_KINDS == tuple(CORRUPTIONS)
-    assert config.load(None, ["benchmark.corruption=blur"]).benchmark.corruption == "blur"
+    for kind in CORRUPTIONS:
+        assert config.load(None, [f"benchmark.corruption={kind}"]).benchmark.corruption == kind
+    with pytest.raises(config.ConfigError, match="benchmark.corruption: 'fog' is not one of 'gaussian'"):
+        config.load(None, ["benchmark.corruption=fog"])
+
+
+def test_imports_run_one_way():
+    """The simulator never imports the tools above it (data-set preparation, cluster jobs, benchmarks)."""
+    import ast
+
+    above = {"preprocess", "jobs", "benchmarks", "tests"}
+    for path in sorted((REPO / "hpcfl").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {n.split(".")[0] for n in names} & above, (path, names)
 
 
 def test_reference_config_holds_the_papers_training_settings():

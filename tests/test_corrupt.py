@@ -1,4 +1,4 @@
-"""preprocess.corrupt: the reference's Gaussian-noise formula, the other kinds' formulas, per-image determinism,
+"""hpcfl.data.corrupt: the reference's Gaussian-noise formula, the other kinds' formulas, per-image determinism,
 severity tables monotonic in harm, argument checks."""
 
 import io
@@ -8,12 +8,13 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from preprocess.corrupt import (
+from hpcfl.data.corrupt import (
     BLUR_SIGMAS, CONTRAST_FACTORS, CORRUPTIONS, DETERMINISTIC, DOWNSAMPLE_FACTORS, GAUSSIAN_SIGMAS, JPEG_QUALITIES,
-    KINDS, POISSON_PEAKS, SEVERITIES, contrast, corrupt, downsample, gaussian_blur, gaussian_noise, harm_table,
+    KINDS, POISSON_PEAKS, SEVERITIES, contrast, corrupt, downsample, gaussian_blur, gaussian_noise,
     jpeg_compression, poisson_noise, stable_int,
 )
-from preprocess.render import render_images
+from hpcfl.data.render import render_images
+from preprocess.corrupt import harm_table
 
 NEW_KINDS = ["blur", "poisson", "jpeg", "downsample", "contrast"]
 

@@ -14,7 +14,7 @@ import pytest
 
 from hpcfl.data.shards import load_manifest, read_checked
 from preprocess.ich import CLASS_NAMES, load_dicom, main, read_kaggle_labels
-from preprocess.partition import dirichlet_partition
+from hpcfl.data.partition import dirichlet_partition
 from preprocess.pipeline import PROGRESS, SKIPPED, STOP_AFTER_ENV, SkipItem, StopRequested
 from tests.conftest import REPO, launch, read_metrics, sets
 from tests.fixtures import ct_pixels, make_dicom, make_rsna_folder, pydicom_file, rsna_label_rows

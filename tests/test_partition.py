@@ -1,4 +1,4 @@
-"""preprocess.partition: bit-exact reproduction of the official FFL4MIA partition files."""
+"""hpcfl.data.partition: bit-exact reproduction of the official FFL4MIA partition files."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from preprocess.ffl4mia import load_partition_file, load_split_csv
-from preprocess.partition import class_counts, dirichlet_partition
+from hpcfl.data.partition import class_counts, dirichlet_partition
 
 # The official files live beside the checkout (../shared), read-only; they are not in the repo.
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ffl4mia"

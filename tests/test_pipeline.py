@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hpcfl.data.shards import load_manifest, read_checked, read_shard
-from preprocess.corrupt import corrupt
+from hpcfl.data.corrupt import corrupt
 from preprocess.pipeline import (PROGRESS, SKIPPED, STOP_AFTER_ENV, Corruption, Decoder, Item, Job, Output,
                                  PipelineError, Plan, StopRequested, stratified_split, summary, write_shards)
 from tests.fixtures import gradient_image, toy_loader

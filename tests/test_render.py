@@ -1,11 +1,11 @@
-"""preprocess.render: determinism, chunk invariance, and that the class is in the shapes, not in global statistics."""
+"""hpcfl.data.render: determinism, chunk invariance, and that the class is in the shapes, not in global statistics."""
 
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from preprocess.render import CLASS_NAMES, render_images
+from hpcfl.data.render import CLASS_NAMES, render_images
 
 N_CLASSES = len(CLASS_NAMES)
 

@@ -3,7 +3,7 @@ import pytest
 
 from hpcfl.config import BenchmarkConfig
 from hpcfl.data.shards import load_manifest, read_checked
-from preprocess.synthetic import build, builtin_dir, class_counts_from_prior
+from hpcfl.data.builtin import build, builtin_dir, class_counts_from_prior
 
 
 def test_class_counts_are_exact_and_imbalanced():
