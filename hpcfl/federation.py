@@ -18,7 +18,7 @@ from hpcfl.client.trainer import ClientData
 from hpcfl.comm import Comm, assign_clients
 from hpcfl.config import Config
 from hpcfl.data.builtin import build, builtin_dir
-from hpcfl.data.shards import load_manifest, read_checked
+from hpcfl.data.shards import Manifest, read_checked
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
@@ -39,7 +39,7 @@ class Federation:
     where: Where
     hooks: DebugHooks
     data_dir: Path
-    manifest: dict
+    manifest: Manifest
     sizes: np.ndarray  # training samples per client (without the held-out parts)
     corrupted: list[int]  # clients with corrupted training data
     assignment: list[list[int]]  # clients of each client rank
@@ -60,7 +60,7 @@ class Federation:
 
     @property
     def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
+        return self.manifest.num_classes
 
     @property
     def is_server(self) -> bool:
@@ -116,14 +116,14 @@ def validation_count(n: int, fraction: float) -> int:
     return min(int(round(n * fraction)), n - 1) if fraction > 0 else 0
 
 
-def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: float, seed: int,
+def load_client(directory: Path, manifest: Manifest, client_id: int, val_fraction: float, seed: int,
                 device: torch.device | str = "cpu") -> tuple[ClientData, ClientData | None]:
     """A client's training part and its held-out validation part (None when ``val_fraction`` is 0).
 
     The split is a permutation keyed by (seed, client): the same whichever rank hosts the client. On a GPU the
     training images are held on the device (uint8: about 50 MB per ICH client at 224 px), so batches are cut
     and augmented there without a host-to-device copy per step."""
-    shard = read_checked(directory, manifest["clients"][client_id], manifest["num_classes"], manifest["image_shape"])
+    shard = read_checked(directory, manifest.clients[client_id], manifest)
     images, labels = torch.from_numpy(shard.images), torch.from_numpy(shard.labels)
     n_val = validation_count(len(labels), val_fraction)
     order = np.random.default_rng([seed, client_id, 7]).permutation(len(labels)) if n_val else np.arange(len(labels))
@@ -131,7 +131,7 @@ def load_client(directory: Path, manifest: dict, client_id: int, val_fraction: f
 
     def part(idx):
         part_labels = labels[idx]
-        counts = np.bincount(part_labels.numpy(), minlength=manifest["num_classes"])
+        counts = np.bincount(part_labels.numpy(), minlength=manifest.num_classes)
         return ClientData(client_id, images[idx], part_labels, counts)
 
     train = part(train_idx)
@@ -147,24 +147,24 @@ def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Fe
     data_dir = prepare_data(cfg, comm, where)
 
     where.phase = "setup"
-    manifest = load_manifest(data_dir)
-    shard_sizes = np.array([c["n"] for c in manifest["clients"]], dtype=np.int64)
+    manifest = Manifest.load(data_dir)
+    shard_sizes = np.array([c.n for c in manifest.clients], dtype=np.int64)
     empty = [c for c in range(len(shard_sizes)) if shard_sizes[c] == 0]
     if empty:
         raise UsageError(f"client(s) {empty} of {data_dir} have no training samples: use more samples or fewer "
                          "clients (benchmark.num_train, benchmark.num_clients)")
     sizes = shard_sizes - np.array([validation_count(n, cfg.data.val_fraction) for n in shard_sizes])
-    corrupted = [c for c, entry in enumerate(manifest["clients"]) if entry.get("corruption")]
+    corrupted = manifest.corrupted_clients
     try:
         assignment = assign_clients(sizes, comm.num_client_ranks)
     except ValueError as e:
         raise UsageError(str(e)) from None
     device = pick_device(cfg, comm)
     log.info("rank %d computes on %s", comm.rank, device)
-    data_channels = int(manifest["image_shape"][2])
+    data_channels = manifest.image_shape[2]
 
     torch.manual_seed(stream_seed(cfg.run.seed, -1, -1, "init"))
-    model = build_model(cfg.model.name, int(manifest["num_classes"]), data_channels, cfg.model.width,
+    model = build_model(cfg.model.name, manifest.num_classes, data_channels, cfg.model.width,
                         cfg.model.pretrained_path, cfg.model.cnn_norm)
     layout = FlatLayout(model)
     model.to(device)
@@ -186,7 +186,7 @@ def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Fe
                                                            cfg.run.seed, device)
     where.client = None
     if comm.is_server:
-        for entry in manifest["test_sets"]:
-            shard = read_checked(data_dir, entry, fed.num_classes, manifest["image_shape"])
-            fed.test_sets[entry["name"]] = (torch.from_numpy(shard.images), shard.labels)
+        for entry in manifest.test_sets:
+            shard = read_checked(data_dir, entry, manifest)
+            fed.test_sets[entry.name] = (torch.from_numpy(shard.images), shard.labels)
     return fed

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import sweep as sweep_mod
+from hpcfl.errors import UsageError
+from jobs.status import add_status_parser
+from jobs.sweep import add_sweep_parser
 
 
 def main(argv=None) -> int:
@@ -22,13 +24,13 @@ def main(argv=None) -> int:
                                 "sweeps of runs (Slurm job arrays or a local script), and follow them. "
                                 "See docs/cluster.md.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{sweep,status}")
-    sweep_mod.add_sweep_parser(sub)
-    sweep_mod.add_status_parser(sub)
+    add_sweep_parser(sub)
+    add_status_parser(sub)
     opts = p.parse_args(argv)
     opts.argv = argv[1:]  # the subcommand's own arguments, recorded in the scripts it writes
     try:
         return opts.func(opts)
-    except sweep_mod.UsageError as e:
+    except UsageError as e:
         print(f"jobs {opts.command}: error: {e}", file=sys.stderr)
         return 2
 

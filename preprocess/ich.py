@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.pipeline import (Item, PipelineError, Plan, SkipItem, add_common_arguments,
-                                 corruptions_from_args, dirichlet_split, match_files, official_split, run_cli)
+from preprocess.cli import (add_common_arguments, corruptions_from_args, dirichlet_split, match_files,
+                            official_split, run_cli)
+from preprocess.items import Item, PipelineError, Plan, SkipItem
 
 CLASS_NAMES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 SUBTYPES = (*CLASS_NAMES, "any")

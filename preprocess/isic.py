@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.pipeline import (Item, PipelineError, Plan, SkipItem, add_common_arguments,
-                                 corruptions_from_args, dirichlet_split, match_files, official_split, run_cli,
-                                 split_items)
+from preprocess.cli import (add_common_arguments, corruptions_from_args, dirichlet_split, match_files,
+                            official_split, run_cli, split_items)
+from preprocess.items import Item, PipelineError, Plan, SkipItem
 
 CLASS_NAMES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC")
 GT_COLUMNS = (*CLASS_NAMES, "UNK")

@@ -12,9 +12,10 @@ copies. :func:`write_shards` then writes, into one output directory,
 
 How:
 
-* Images are decoded by worker processes (``ProcessPoolExecutor``) in chunks of :data:`CHUNK` items; at most
-  ``2 * workers`` chunks are in flight and every shard is written image by image into a temporary HDF5 file
-  renamed on completion, so memory stays bounded whatever the data set size.
+* Images are decoded by worker processes (``preprocess.decode``) in chunks of ``CHUNK`` items; at most
+  ``2 * workers`` chunks are in flight and every shard is written image by image through
+  ``hpcfl.data.shards.ShardWriter`` (a temporary file renamed on completion), so memory stays bounded whatever
+  the data set size.
 * An item whose image cannot be used (unreadable, no pixel data, undecodable, wrong shape, even a decoder that
   kills its process) is left out and listed in ``skipped.csv``; its id and label leave together, so no label
   ever shifts.
@@ -26,7 +27,6 @@ How:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import hashlib
@@ -34,114 +34,26 @@ import itertools
 import json
 import os
 import re
-import shlex
-import signal
 import sys
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from hpcfl.data.shards import MANIFEST, client_file, sha256_of, test_file, write_manifest
-from hpcfl.errors import UsageError
 from hpcfl.atomic import atomic_path, write_json, write_text
 from hpcfl.data.corrupt import corrupt
+from hpcfl.data.shards import MANIFEST, Manifest, ShardEntry, ShardWriter, client_file, sha256_of, test_file
+from preprocess.decode import Decoder
+from preprocess.items import CHUNK, Corruption, Job, Output, PipelineError, Plan, Result, StopRequested
 
 PROGRESS = "progress.json"
 SKIPPED = "skipped.csv"
 SPLIT_FILES = ("train.csv", "test.csv")
-CHUNK = 16  # items per worker task; fixed, so that the output never depends on --workers
-PROGRESS_FORMAT = 1  # bump when the shard bytes for the same plan change, to invalidate old progress files
+PROGRESS_FORMAT = 2  # bump when the shard bytes for the same plan change, to invalidate old progress files
 STOP_AFTER_ENV = "HPCFL_PREPROCESS_STOP_AFTER"  # test hook: stop after that many shard groups (simulated kill)
-MAX_REASON = 300
-
-
-class PipelineError(UsageError):
-    """Bad input to a preprocessor (arguments, folders, CSVs); the message names the file or option."""
-
-
-class SkipItem(Exception):
-    """Raised by a loader when an item cannot be used; the message is the reason written to skipped.csv."""
-
-
-class StopRequested(RuntimeError):
-    """Raised after ``$HPCFL_PREPROCESS_STOP_AFTER`` shard groups, to test resuming."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image: its id, its class, and where it comes from (a path for ``Plan.loader``, or a picklable
-    zero-argument callable returning the image)."""
-    id: str
-    label: int
-    source: object
-
-
-@dataclass(frozen=True)
-class Corruption:
-    kind: str
-    severity: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}_{self.severity}"
-
-    def as_dict(self) -> dict:
-        return {"kind": self.kind, "severity": self.severity}
-
-
-@dataclass
-class Plan:
-    """Everything that decides the output. ``loader(source) -> uint8 [H, W, C]`` must be picklable (a module
-    function or a ``functools.partial`` of one) and raise :class:`SkipItem` (or anything) for a bad item."""
-    dataset: str
-    class_names: list[str]
-    image_shape: tuple[int, int, int]
-    loader: Callable | None
-    train: list[Item]
-    parts: list[np.ndarray]  # client i holds train[parts[i]], in that order
-    corrupted_clients: list[int]
-    corruption: Corruption | None  # of the corrupted clients
-    test: list[Item]
-    test_corruptions: list[Corruption]
-    corruption_seed: int = 0
-    client_names: list[str] | None = None  # e.g. the ISIC centres; recorded per client
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, where, reason) found up front
-    compression: str | None = None
-    made_by: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # more manifest fields
-
-
-@dataclass
-class Output:
-    file: str
-    corruption: Corruption | None
-    attrs: dict
-
-
-@dataclass
-class Job:
-    """A group of shards made from the same items: one client, or the test set and its corrupted copies."""
-    key: str
-    where: str  # the 'where' column of skipped.csv
-    items: list[Item]
-    outputs: list[Output]
-
-
-@dataclass
-class Result:
-    out_dir: Path
-    manifest: dict
-    skipped: list[tuple[str, str, str]]
-    written: list[str]
-    reused: list[str]
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -252,127 +164,6 @@ def fingerprint(plan: Plan, job: Job) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------- decoding
-
-def one_line(text: str) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
-
-
-def load_item(loader, item: Item) -> np.ndarray:
-    return item.source() if callable(item.source) else loader(item.source)
-
-
-def check_image(image, shape) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.shape != tuple(shape):
-        raise SkipItem(f"wrong dimensions: decoded {image.dtype} {list(image.shape)}, expected uint8 {list(shape)}")
-    return image
-
-
-def decode_chunk(loader, items: Sequence[Item], corruptions: Sequence[Corruption | None], seed: int,
-                 shape) -> list:
-    """In a worker: per item, the list of output images (one per corruption), or the reason it is skipped."""
-    out = []
-    for item in items:
-        try:
-            image = check_image(load_item(loader, item), shape)
-        except SkipItem as e:
-            out.append(one_line(e))
-            continue
-        except Exception as e:  # anything a decoder raises on a bad file is that file's problem, not the run's
-            out.append(one_line(f"{type(e).__name__}: {e}"))
-            continue
-        out.append([image if c is None else corrupt(image[None], c.kind, c.severity, seed, [item.id])[0]
-                    for c in corruptions])
-    return out
-
-
-def init_worker(parent_pid: int) -> None:
-    """In each worker: leave Ctrl-C to the main process (it stops the pool cleanly) and, on Linux, die with the
-    main process, so that a killed run leaves no orphan decoders."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Only a forked worker is the main process's child (forkserver/spawn workers are the server's).
-    if sys.platform.startswith("linux") and os.getppid() == parent_pid:
-        try:
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != parent_pid:  # the main process died before prctl took effect
-            os._exit(1)
-
-
-class Decoder:
-    """Decodes items in worker processes, in order, with a bounded number of chunks in flight."""
-
-    def __init__(self, loader, shape, seed: int, workers: int):
-        self.loader, self.shape, self.seed, self.workers = loader, tuple(shape), seed, workers
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers > 1:
-            self.pool = self._new_pool()
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, initializer=init_worker, initargs=(os.getpid(),))
-
-    def _restart(self):
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._new_pool()
-
-    def _submit(self, chunk, corruptions) -> Future:
-        try:
-            return self.pool.submit(decode_chunk, self.loader, chunk, corruptions, self.seed, self.shape)
-        except BrokenProcessPool as e:  # a worker died since the last result: handled when this chunk is due
-            failed: Future = Future()
-            failed.set_exception(e)
-            return failed
-
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Item, object]]:
-        """(item, output images or skip reason) for every item of ``jobs``, in order. Chunks of the next jobs
-        are decoded while the current one is written, so the workers never wait for a job boundary."""
-        tasks = [(job.items[i:i + CHUNK], [o.corruption for o in job.outputs])
-                 for job in jobs for i in range(0, len(job.items), CHUNK)]
-        if self.pool is None:
-            for chunk, corruptions in tasks:
-                yield from zip(chunk, decode_chunk(self.loader, chunk, corruptions, self.seed, self.shape))
-            return
-        todo = deque(tasks)
-        pending: deque = deque()
-        while todo or pending:
-            while todo and len(pending) < 2 * self.workers:
-                task = todo.popleft()
-                pending.append((task, self._submit(*task)))
-            (chunk, corruptions), future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool:
-                # A decoder killed its process (e.g. a C library crashing on a bad file): find the culprit one
-                # item at a time, then send the chunks that were in flight again.
-                self._restart()
-                results = self._one_by_one(chunk, corruptions)
-                todo.extendleft(reversed([task for task, _ in pending]))
-                pending.clear()
-            yield from zip(chunk, results)
-
-    def _one_by_one(self, chunk, corruptions) -> list:
-        results = []
-        for item in chunk:
-            try:
-                results.extend(self._submit([item], corruptions).result())
-            except BrokenProcessPool:
-                self._restart()
-                results.append("the decoder process died on this file (crash or out of memory)")
-        return results
-
-
 # ---------------------------------------------------------------------------------------------- progress bar
 
 class _Counter:
@@ -414,30 +205,21 @@ def progress_bar(total: int, desc: str):
 def write_job(job: Job, decoded: Iterator, out_dir: Path, shape, compression, num_classes: int, bar) -> dict:
     """Write a job's shards from the next ``len(job.items)`` decoded items (temporary files renamed at the end);
     returns its progress entry."""
-    labels, ids, skipped = [], [], []
+    skipped = []
     with ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_path(out_dir / o.file)) for o in job.outputs]
-        files = [stack.enter_context(h5py.File(t, "w")) for t in tmps]  # closed before the renames (LIFO)
-        images = [f.create_dataset("images", shape=(len(job.items), *shape), maxshape=(None, *shape),
-                                   dtype=np.uint8, chunks=(1, *shape), compression=compression) for f in files]
+        writers = [stack.enter_context(ShardWriter(out_dir / o.file, len(job.items), shape, o.attrs, compression))
+                   for o in job.outputs]
         for item, result in itertools.islice(decoded, len(job.items)):
             bar.update(1)
             if isinstance(result, str):
                 skipped.append((item.id, job.where, result))
                 continue
-            for dataset, image in zip(images, result):
-                dataset[len(labels)] = image
-            labels.append(int(item.label))
-            ids.append(item.id)
-        for f, dataset, output in zip(files, images, job.outputs):
-            dataset.resize(len(labels), axis=0)
-            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            for k, v in output.attrs.items():
-                f.attrs[k] = json.dumps(v)
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
-    return {"outputs": [{"file": o.file, "sha256": sha256_of(out_dir / o.file), "n": len(labels),
-                         "class_counts": counts} for o in job.outputs],
+            for writer, image in zip(writers, result):
+                writer.append(image[None], [int(item.label)], [item.id])
+    labels = np.asarray(writers[0].labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=num_classes).tolist()
+    return {"outputs": [{"file": o.file, "sha256": w.sha256, "n": len(labels), "class_counts": counts}
+                        for o, w in zip(job.outputs, writers)],
             "skipped": [[i, r] for i, _, r in skipped]}
 
 
@@ -508,7 +290,7 @@ def write_shards(plan: Plan, out_dir: str | Path, workers: int = 1) -> Result:
     write_skipped(out_dir / SKIPPED, skipped)
     write_split(out_dir, plan)
     manifest = build_manifest(plan, jobs, progress, len(skipped))
-    write_manifest(out_dir, manifest)
+    manifest.write(out_dir)
     return Result(out_dir, manifest, skipped, [j.key for j in todo], sorted(keep))
 
 
@@ -524,23 +306,21 @@ def write_split(out_dir: Path, plan: Plan) -> None:
         write_text(out_dir / name, "id,class\n" + "".join(f"{it.id},{int(it.label)}\n" for it in items))
 
 
-def build_manifest(plan: Plan, jobs: list[Job], progress: dict, num_skipped: int) -> dict:
+def build_manifest(plan: Plan, jobs: list[Job], progress: dict, num_skipped: int) -> Manifest:
     clients = []
     for cid, job in enumerate(jobs[:-1]):
         out, = progress[job.key]["outputs"]
         corruption = job.outputs[0].corruption
-        entry = {"file": out["file"], "n": out["n"], "corruption": corruption and corruption.as_dict(),
-                 "class_counts": out["class_counts"], "sha256": out["sha256"]}
-        if plan.client_names is not None:
-            entry["name"] = plan.client_names[cid]
-        clients.append(entry)
+        clients.append(ShardEntry(out["file"], out["n"], corruption and corruption.as_dict(), out["sha256"],
+                                  out["class_counts"],
+                                  name=plan.client_names[cid] if plan.client_names is not None else None))
     test_job = jobs[-1]
-    test_sets = [{"name": o.attrs["test_set"], "file": out["file"], "n": out["n"],
-                  "corruption": o.corruption and o.corruption.as_dict(), "sha256": out["sha256"]}
+    test_sets = [ShardEntry(out["file"], out["n"], o.corruption and o.corruption.as_dict(), out["sha256"],
+                            name=o.attrs["test_set"])
                  for o, out in zip(test_job.outputs, progress[test_job.key]["outputs"])]
-    return {"dataset": plan.dataset, "num_classes": len(plan.class_names), "class_names": list(plan.class_names),
-            "image_shape": list(plan.image_shape), "clients": clients, "test_sets": test_sets,
-            "skipped": {"file": SKIPPED, "count": num_skipped}, **plan.extra, "made_by": plan.made_by}
+    return Manifest(len(plan.class_names), list(plan.class_names), tuple(plan.image_shape), clients, test_sets,
+                    dataset=plan.dataset, made_by=plan.made_by,
+                    extra={"skipped": {"file": SKIPPED, "count": num_skipped}, **plan.extra})
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -552,12 +332,12 @@ def reason_kind(reason: str) -> str:
 
 def summary(result: Result) -> str:
     m = result.manifest
-    n_train = sum(c["n"] for c in m["clients"])
-    n_test = m["test_sets"][0]["n"] if m["test_sets"] else 0
-    lines = [f"{result.out_dir}: {len(m['clients'])} clients with {n_train} images, test set {n_test} images "
-             f"x {len(m['test_sets'])} ({', '.join(t['name'] for t in m['test_sets'])}); "
+    n_train = sum(c.n for c in m.clients)
+    n_test = m.test_sets[0].n if m.test_sets else 0
+    lines = [f"{result.out_dir}: {len(m.clients)} clients with {n_train} images, test set {n_test} images "
+             f"x {len(m.test_sets)} ({', '.join(t.name for t in m.test_sets)}); "
              f"{len(result.written)} shard group(s) written, {len(result.reused)} reused"]
-    empty = [i for i, c in enumerate(m["clients"]) if c["n"] == 0]
+    empty = [i for i, c in enumerate(m.clients) if c.n == 0]
     if empty:
         lines.append(f"warning: client(s) {empty} have no images (hpcfl.run refuses empty clients)")
     if result.skipped:
@@ -567,173 +347,3 @@ def summary(result: Result) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- CLI helpers
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def add_common_arguments(p: argparse.ArgumentParser, partitions: Sequence[str]) -> None:
-    p.add_argument("out_dir", type=Path, help="shard directory to write (new, empty, or an interrupted one)")
-    p.add_argument("--partition", choices=partitions, default=partitions[0],
-                   help=f"client partition (default {partitions[0]})")
-    p.add_argument("--official-dir", type=Path, help="folder with the official train.csv, test.csv and "
-                   "dict_users_noniid_dir<alpha>_CorruptedNum<c>.npy (--partition official)")
-    p.add_argument("--clients", type=int, default=20, help="clients N (dirichlet; default 20)")
-    p.add_argument("--corrupted", type=int, default=4, help="corrupted clients c, the last c (default 4)")
-    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (default 1.0)")
-    p.add_argument("--seed", type=int, default=2024, help="seed of the train/test split and the partition "
-                   "(default 2024, the reference's)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="stratified test share (default 0.2)")
-    p.add_argument("--size", type=int, default=224, help="output side in pixels (default 224)")
-    p.add_argument("--corruption", default="gaussian", help="corruption of the corrupted clients (default gaussian)")
-    p.add_argument("--severity", type=int, default=3, help="their severity 1..5 (default 3)")
-    p.add_argument("--test-severities", type=int, nargs="*", default=[1, 2, 3, 4, 5],
-                   help="severities of the corrupted test copies (default 1 2 3 4 5)")
-    p.add_argument("--test-kinds", nargs="*", default=None,
-                   help="corruption kinds of the test copies (default: --corruption)")
-    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruption noise (default 0)")
-    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none",
-                   help="HDF5 compression of the images (default none)")
-    p.add_argument("--workers", type=int, default=default_workers(),
-                   help="decoding processes (default: the usable cores)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N labelled images, by id (quick trials; not with official)")
-
-
-def check_common_arguments(args) -> None:
-    for name in ("clients", "workers", "size"):
-        if getattr(args, name) < 1:
-            raise PipelineError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.corrupted < 0:
-        raise PipelineError(f"--corrupted must be >= 0, got {args.corrupted}")
-    if not 0 <= args.test_fraction < 1:
-        raise PipelineError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
-    if args.limit is not None and args.limit < 1:
-        raise PipelineError(f"--limit must be >= 1, got {args.limit}")
-    if args.partition == "official":
-        if args.official_dir is None:
-            raise PipelineError("--partition official needs --official-dir")
-        if args.limit is not None:
-            raise PipelineError("--limit cannot be used with --partition official (the partition indexes every "
-                                "row of train.csv)")
-
-
-def corruptions_from_args(args) -> tuple[Corruption, list[Corruption]]:
-    kinds = args.test_kinds if args.test_kinds is not None else [args.corruption]
-    return (Corruption(args.corruption, args.severity),
-            [Corruption(k, s) for k in kinds for s in args.test_severities])
-
-
-def stratified_split(strata: Sequence, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split with ``round(test_fraction * n)`` test rows, shared among the strata in proportion to their
-    size (largest remainder, so that small strata still add up); returns ascending (train, test) rows."""
-    strata = np.asarray([str(s) for s in strata])
-    names = sorted(set(strata.tolist()))
-    rows = {s: np.flatnonzero(strata == s) for s in names}
-    quota = {s: test_fraction * len(rows[s]) for s in names}
-    take = {s: int(np.floor(quota[s])) for s in names}
-    extra = round(test_fraction * len(strata)) - sum(take.values())
-    for s in sorted(names, key=lambda s: -(quota[s] - take[s]))[:max(extra, 0)]:  # stable: ties by name
-        take[s] += 1
-    rng = np.random.RandomState(seed)
-    train, test = [], []
-    for s in names:
-        shuffled = rng.permutation(rows[s])
-        test.extend(shuffled[: take[s]].tolist())
-        train.extend(shuffled[take[s]:].tolist())
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
-
-
-def sort_by_class(items: list[Item]) -> list[Item]:
-    """Rows sorted by class then id, like the official CSVs (the partition draws per class in row order)."""
-    return sorted(items, key=lambda it: (it.label, it.id))
-
-
-def split_items(items: list[Item], args, strata: Sequence | None = None) -> tuple[list[Item], list[Item]]:
-    """Stratified (by class, or by ``strata``) seeded train/test split; both sorted by class then id."""
-    strata = [it.label for it in items] if strata is None else strata
-    train_rows, test_rows = stratified_split(strata, args.test_fraction, args.seed)
-    return sort_by_class([items[r] for r in train_rows]), sort_by_class([items[r] for r in test_rows])
-
-
-def dirichlet_split(items: list[Item], args) -> tuple[list[Item], list[Item], list[np.ndarray]]:
-    """``--partition dirichlet``: stratified 80/20 split, then the reference's partition of the train rows."""
-    from hpcfl.data.partition import dirichlet_partition
-
-    if args.corrupted >= args.clients:
-        raise PipelineError(f"--corrupted {args.corrupted} must be below --clients {args.clients}")
-    train, test = split_items(items, args)
-    labels = np.array([it.label for it in train], dtype=np.int64)
-    return train, test, dirichlet_partition(labels, args.clients, args.corrupted, args.alpha, args.seed)
-
-
-def official_split(args, source_of: Callable[[str], object], num_classes: int):
-    """``--partition official``: the official CSVs and ``dict_users`` file (``preprocess.ffl4mia``). Every row
-    stays, even one without an image (the partition indexes rows): its loader reports it as skipped."""
-    from preprocess.ffl4mia import load_official_split
-
-    try:
-        train_ids, train_labels, test_ids, test_labels, parts = load_official_split(
-            args.official_dir, args.corrupted, args.alpha)
-    except (OSError, ValueError) as e:
-        raise PipelineError(str(e)) from None
-    for name, labels in (("train.csv", train_labels), ("test.csv", test_labels)):
-        if labels.size and labels.max() >= num_classes:
-            raise PipelineError(f"{args.official_dir / name}: class {int(labels.max())} outside "
-                                f"0..{num_classes - 1}")
-    train = [Item(i, int(k), source_of(i)) for i, k in zip(train_ids, train_labels)]
-    test = [Item(i, int(k), source_of(i)) for i, k in zip(test_ids, test_labels)]
-    return train, test, parts
-
-
-def match_files(eligible: dict[str, int], labelled: set[str], files: dict[str, Path], label_source: str,
-                kind: str, skipped: list) -> list[str]:
-    """Ids of the task (``eligible``) that have an image file, sorted. Images with no label row at all, and
-    eligible labels without an image, are added to ``skipped``."""
-    skipped += [(i, "labels", f"image without label: no row in {label_source}")
-                for i in sorted(set(files) - labelled)]
-    skipped += [(i, "labels", f"label without image: no {kind} file") for i in sorted(set(eligible) - set(files))]
-    return sorted(set(eligible) & set(files))
-
-
-def package_versions() -> dict:
-    from importlib import metadata
-
-    import hpcfl
-
-    versions = {"python": sys.version.split()[0], "hpcfl": hpcfl.__version__}
-    for name in ("numpy", "h5py", "pydicom", "Pillow"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def made_by(module: str, argv: Sequence[str], args) -> dict:
-    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())}
-    return {"command": f"python -m {module} {shlex.join(argv)}".strip(), "arguments": arguments,
-            "versions": package_versions()}
-
-
-def run_cli(module: str, argv: Sequence[str] | None, parser: argparse.ArgumentParser,
-            build_plan: Callable[[argparse.Namespace, dict], Plan]) -> int:
-    """Parse, build the plan, write the shards, print the summary; a user error is one message, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    try:
-        check_common_arguments(args)
-        plan = build_plan(args, made_by(module, argv, args))
-        result = write_shards(plan, args.out_dir, workers=args.workers)
-    except (PipelineError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-    print(summary(result))
-    return 0

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcfl.data.shards import MANIFEST, client_file, sha256_of, write_manifest, write_shard
+from hpcfl.data.shards import MANIFEST, Manifest, ShardEntry, client_file, sha256_of, write_shard
 from hpcfl.data.shards import test_file as set_file
 from tests.conftest import REPO, TINY, launch, sets
 
@@ -64,14 +64,11 @@ def make_shards(directory: Path, num_clients: int = 4, n: int = 6, size: int = 1
     clients = []
     for cid in range(num_clients):
         labels, sha = shard(directory / client_file(cid), n, {"client_id": cid, "corruption": None})
-        clients.append({"file": client_file(cid), "n": n, "corruption": None,
-                        "class_counts": np.bincount(labels, minlength=num_classes).tolist(), "sha256": sha})
+        clients.append(ShardEntry(client_file(cid), n, None, sha, np.bincount(labels, minlength=num_classes).tolist()))
     _, sha = shard(directory / set_file("clean"), 9, {"test_set": "clean", "corruption": None})
-    write_manifest(directory, {
-        "dataset": "handmade", "num_classes": num_classes, "class_names": names,
-        "image_shape": [size, size, channels], "clients": clients,
-        "test_sets": [{"name": "clean", "file": set_file("clean"), "n": 9, "corruption": None, "sha256": sha}],
-    })
+    Manifest(num_classes, names, (size, size, channels), clients, [ShardEntry(set_file("clean"), 9, None, sha,
+                                                                             name="clean")],
+             dataset="handmade").write(directory)
     return directory
 
 

@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from hpcfl.data.shards import load_manifest, read_checked
+from hpcfl.data.shards import Manifest, read_checked
 from preprocess.ich import CLASS_NAMES, load_dicom, main, read_kaggle_labels
 from hpcfl.data.partition import dirichlet_partition
-from preprocess.pipeline import PROGRESS, SKIPPED, STOP_AFTER_ENV, SkipItem, StopRequested
+from preprocess.items import SkipItem, StopRequested
+from preprocess.pipeline import PROGRESS, SKIPPED, STOP_AFTER_ENV
 from tests.conftest import REPO, launch, read_metrics, sets
 from tests.fixtures import ct_pixels, make_dicom, make_rsna_folder, pydicom_file, rsna_label_rows
 
@@ -141,24 +142,24 @@ def shards(rsna, tmp_path_factory):
 
 
 def all_entries(m):
-    return m["clients"] + m["test_sets"][:1]
+    return m.clients + m.test_sets[:1]
 
 
 def test_folder_to_shards_every_image_once_with_its_label(rsna, shards):
     _, info = rsna
-    m = load_manifest(shards)
-    assert m["class_names"] == list(CLASS_NAMES) and m["image_shape"] == [32, 32, 1]
-    assert [c["corruption"] for c in m["clients"]] == [None] * 3 + [{"kind": "gaussian", "severity": 3}]
-    assert [t["name"] for t in m["test_sets"]] == ["clean", "gaussian_1", "gaussian_3"]
+    m = Manifest.load(shards)
+    assert m.class_names == list(CLASS_NAMES) and m.image_shape == (32, 32, 1)
+    assert [c.corruption for c in m.clients] == [None] * 3 + [{"kind": "gaussian", "severity": 3}]
+    assert [t.name for t in m.test_sets] == ["clean", "gaussian_1", "gaussian_3"]
     found = {}
     for entry in all_entries(m):
-        shard = read_checked(shards, entry, 5)
+        shard = read_checked(shards, entry, m)
         for i, label in zip(shard.ids, shard.labels.tolist()):
             assert i not in found
             found[i] = label
     assert found == info["good"]  # every decodable image exactly once, with its own label
-    assert m["made_by"]["command"].startswith("python -m preprocess.ich ")
-    assert m["made_by"]["arguments"]["window"] == "dicom" and "pydicom" in m["made_by"]["versions"]
+    assert m.made_by["command"].startswith("python -m preprocess.ich ")
+    assert m.made_by["arguments"]["window"] == "dicom" and "pydicom" in m.made_by["versions"]
     split = (shards / "train.csv").read_text().splitlines() + (shards / "test.csv").read_text().splitlines()[1:]
     assert split[0] == "id,class" and len(split) - 1 == len(info["good"]) + len(info["broken"]) - 3
 
@@ -171,12 +172,12 @@ def test_skipped_csv_names_every_broken_file_and_nothing_else(rsna, shards):
     for image_id, reason in info["broken"].items():
         assert rows[image_id]["reason"].startswith(reason), (image_id, rows[image_id])
     assert not set(info["outside"]) & set(rows)  # normal / several-subtype images are outside the task, not errors
-    assert load_manifest(shards)["skipped"]["count"] == len(info["broken"])
+    assert Manifest.load(shards).extra["skipped"]["count"] == len(info["broken"])
 
 
 def test_same_shards_again_and_resume_after_a_kill(rsna, shards, tmp_path, monkeypatch):
     root, _ = rsna
-    full = {e["file"]: e["sha256"] for e in all_entries(load_manifest(shards))}
+    full = {e.file: e.sha256 for e in all_entries(Manifest.load(shards))}
     out = tmp_path / "resumed"
     monkeypatch.setenv(STOP_AFTER_ENV, "3")
     with pytest.raises(StopRequested):
@@ -186,8 +187,8 @@ def test_same_shards_again_and_resume_after_a_kill(rsna, shards, tmp_path, monke
     assert sorted(before) == ["client_000.h5", "client_001.h5", "client_002.h5"]
     assert main([str(root), str(out), *ARGS, "--workers", "2"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("client_00[012].h5")} == before  # not redone
-    m = load_manifest(out)
-    assert {e["file"]: e["sha256"] for e in all_entries(m)} == full  # byte-identical to the one-go run
+    m = Manifest.load(out)
+    assert {e.file: e.sha256 for e in all_entries(m)} == full  # byte-identical to the one-go run
     assert len(json.loads((out / PROGRESS).read_text())["jobs"]) == 5
 
 
@@ -208,9 +209,9 @@ def test_official_partition_indexes_rows_and_keeps_rows_without_files(rsna, tmp_
     out = tmp_path / "shards"
     assert main([str(root), str(out), "--partition", "official", "--official-dir", str(official), "--corrupted",
                  "1", "--size", "16", "--window", "brain", "--test-severities", "3", "--workers", "1"]) == 0
-    m = load_manifest(out)
-    for cid, entry in enumerate(m["clients"]):
-        shard = read_checked(out, entry, 5)
+    m = Manifest.load(out)
+    for cid, entry in enumerate(m.clients):
+        shard = read_checked(out, entry, m)
         expected = [train[r] for r in parts[cid] if train[r][0] != "ID_gone00000"]
         assert list(zip(shard.ids, shard.labels.tolist())) == expected
     gone_row = train.index(("ID_gone00000", 4))
@@ -227,11 +228,11 @@ def test_flat_folder_and_limit(rsna, tmp_path):
     out = tmp_path / "out"
     assert main([str(flat), str(out), "--limit", "20", "--clients", "2", "--corrupted", "0", "--size", "16",
                  "--test-severities", "--workers", "1"]) == 0
-    m = load_manifest(out)
+    m = Manifest.load(out)
     rows = (out / "train.csv").read_text().splitlines()[1:] + (out / "test.csv").read_text().splitlines()[1:]
     eligible = sorted(set(info["good"]) | set(info["broken"]) - {"ID_nofile000", "ID_nolabel00", "ID_conflict0"})
     assert sorted(r.split(",")[0] for r in rows) == eligible[:20]  # the first 20 labelled images, by id
-    assert [c["corruption"] for c in m["clients"]] == [None, None] and [t["name"] for t in m["test_sets"]] == ["clean"]
+    assert [c.corruption for c in m.clients] == [None, None] and [t.name for t in m.test_sets] == ["clean"]
 
 
 def test_cli_errors_are_one_line_with_exit_2(rsna, tmp_path, capsys):

@@ -7,9 +7,10 @@ import csv
 import numpy as np
 import pytest
 
-from hpcfl.data.shards import load_manifest, read_checked
+from hpcfl.data.shards import Manifest, read_checked
 from preprocess.isic import CLASS_NAMES, FLAMBY_CENTRES, centre_of, load_jpeg, main, read_ground_truth
-from preprocess.pipeline import SKIPPED, SkipItem
+from preprocess.items import SkipItem
+from preprocess.pipeline import SKIPPED
 from tests.fixtures import lesion_image, make_isic_folder
 
 
@@ -71,9 +72,9 @@ def isic(tmp_path_factory):
 
 def contents(out, m) -> dict:
     found = {}
-    places = [(c, c.get("name")) for c in m["clients"]] + [(m["test_sets"][0], "test")]
+    places = [(c, c.name) for c in m.clients] + [(m.test_sets[0], "test")]
     for entry, place in places:
-        shard = read_checked(out, entry, 8)
+        shard = read_checked(out, entry, m)
         for i, label in zip(shard.ids, shard.labels.tolist()):
             assert i not in found
             found[i] = (label, place)
@@ -90,10 +91,10 @@ def test_centres_partition_one_client_per_flamby_centre(isic, tmp_path):
     out = tmp_path / "centres"
     assert main([str(root), str(out), "--partition", "centres", "--ham-metadata", str(root / "HAM10000_metadata.csv"),
                  "--corrupted", "2", "--size", "24", "--test-severities", "3", "--workers", "2"]) == 0
-    m = load_manifest(out)
-    assert [c["name"] for c in m["clients"]] == list(FLAMBY_CENTRES)
-    assert [c["corruption"] is not None for c in m["clients"]] == [False] * 4 + [True] * 2
-    assert m["image_shape"] == [24, 24, 3] and m["class_names"] == list(CLASS_NAMES)
+    m = Manifest.load(out)
+    assert [c.name for c in m.clients] == list(FLAMBY_CENTRES)
+    assert [c.corruption is not None for c in m.clients] == [False] * 4 + [True] * 2
+    assert m.image_shape == (24, 24, 3) and m.class_names == list(CLASS_NAMES)
     found = contents(out, m)
     expected = {i: k for i, k in info["good"].items() if i not in info["no_centre"]}
     assert {i: label for i, (label, _) in found.items()} == expected
@@ -104,7 +105,7 @@ def test_centres_partition_one_client_per_flamby_centre(isic, tmp_path):
     for i, reason in info["broken"].items():
         assert reasons[i].startswith(reason), (i, reasons[i])
     assert reasons["ISIC_0000907"].startswith("no centre")
-    assert 0 < m["test_sets"][0]["n"] < len(expected)
+    assert 0 < m.test_sets[0].n < len(expected)
 
 
 def test_dirichlet_partition_and_same_bytes_twice(isic, tmp_path):
@@ -112,13 +113,13 @@ def test_dirichlet_partition_and_same_bytes_twice(isic, tmp_path):
     args = ["--clients", "3", "--corrupted", "1", "--alpha", "5", "--size", "16", "--test-severities", "2"]
     assert main([str(root), str(tmp_path / "a"), *args, "--workers", "2"]) == 0
     assert main([str(root), str(tmp_path / "b"), *args, "--workers", "1"]) == 0
-    ma, mb = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
-    assert [e["sha256"] for e in ma["clients"] + ma["test_sets"]] == \
-        [e["sha256"] for e in mb["clients"] + mb["test_sets"]]
+    ma, mb = Manifest.load(tmp_path / "a"), Manifest.load(tmp_path / "b")
+    assert [e.sha256 for e in ma.clients + ma.test_sets] == \
+        [e.sha256 for e in mb.clients + mb.test_sets]
     found = contents(tmp_path / "a", ma)
     assert {i: label for i, (label, _) in found.items()} == info["good"]  # lesion_id does not matter here
     assert set(skipped(tmp_path / "a")) == set(info["broken"])
-    assert [t["name"] for t in ma["test_sets"]] == ["clean", "gaussian_2"]
+    assert [t.name for t in ma.test_sets] == ["clean", "gaussian_2"]
 
 
 def test_cli_refuses_too_many_corrupted_centres(isic, tmp_path, capsys):

@@ -24,7 +24,8 @@ from hpcfl.algorithms import available
 from hpcfl.config import load
 from hpcfl.run import parse_args
 from jobs.__main__ import main
-from jobs.sweep import launch_block, split_values
+from jobs.cells import split_values
+from jobs.scripts import launch_block
 from tests.conftest import REPO, mpiexec
 
 CONFIG = str(REPO / "configs" / "default.toml")

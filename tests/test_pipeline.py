@@ -10,10 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from hpcfl.data.shards import load_manifest, read_checked, read_shard
+from hpcfl.data.shards import Manifest, read_checked, read_shard
 from hpcfl.data.corrupt import corrupt
-from preprocess.pipeline import (PROGRESS, SKIPPED, STOP_AFTER_ENV, Corruption, Decoder, Item, Job, Output,
-                                 PipelineError, Plan, StopRequested, stratified_split, summary, write_shards)
+from preprocess.cli import stratified_split
+from preprocess.decode import Decoder
+from preprocess.items import Corruption, Item, Job, Output, PipelineError, Plan, StopRequested
+from preprocess.pipeline import PROGRESS, SKIPPED, STOP_AFTER_ENV, summary, write_shards
 from tests.fixtures import gradient_image, toy_loader
 
 SIZE = 8
@@ -35,8 +37,8 @@ def toy_plan(bad=("bad:t05", "big:t11", "bad:x02"), n_train=48, n_test=12, num_c
 
 
 def shas(directory) -> dict:
-    m = load_manifest(directory)
-    return {e["file"]: e["sha256"] for e in m["clients"] + m["test_sets"]}
+    m = Manifest.load(directory)
+    return {e.file: e.sha256 for e in m.clients + m.test_sets}
 
 
 def mtimes(directory) -> dict:
@@ -51,36 +53,37 @@ def written(tmp_path_factory):
 
 def test_shards_manifest_and_labels_travel_with_ids(written):
     plan, result = written
-    m = load_manifest(result.out_dir)
-    assert set(m) >= {"dataset", "num_classes", "class_names", "image_shape", "clients", "test_sets", "made_by"}
-    assert m["image_shape"] == [SIZE, SIZE, 1] and m["num_classes"] == 3
-    assert [c["corruption"] for c in m["clients"]] == [None] * 3 + [{"kind": "gaussian", "severity": 3}]
-    assert [t["name"] for t in m["test_sets"]] == ["clean", "gaussian_1", "gaussian_3"]
+    m = Manifest.load(result.out_dir)
+    raw = json.loads((result.out_dir / "manifest.json").read_text())
+    assert set(raw) >= {"dataset", "num_classes", "class_names", "image_shape", "clients", "test_sets", "made_by"}
+    assert m.image_shape == (SIZE, SIZE, 1) and m.num_classes == 3
+    assert [c.corruption for c in m.clients] == [None] * 3 + [{"kind": "gaussian", "severity": 3}]
+    assert [t.name for t in m.test_sets] == ["clean", "gaussian_1", "gaussian_3"]
     label_of = {it.id: it.label for it in plan.train + plan.test}
     seen = []
-    for cid, entry in enumerate(m["clients"]):
-        shard = read_checked(result.out_dir, entry, 3)
+    for cid, entry in enumerate(m.clients):
+        shard = read_checked(result.out_dir, entry, m)
         assert shard.attrs["client_id"] == cid and shard.attrs["dataset"] == "toy"
         assert [label_of[i] for i in shard.ids] == shard.labels.tolist()
-        assert entry["class_counts"] == np.bincount(shard.labels, minlength=3).tolist()
+        assert entry.class_counts == np.bincount(shard.labels, minlength=3).tolist()
         expected = [plan.train[r].id for r in plan.parts[cid] if plan.train[r].source.startswith("ok:")]
         assert shard.ids == expected  # partition order kept, skipped items simply absent
         seen += shard.ids
-        if entry["corruption"] is None:
+        if entry.corruption is None:
             np.testing.assert_array_equal(shard.images, np.stack([gradient_image(i, SIZE) for i in shard.ids]))
     assert sorted(seen) == sorted(it.id for it in plan.train if it.source.startswith("ok:"))
 
 
 def test_corrupted_copies_are_the_corrupt_function_per_image(written):
     plan, result = written
-    m = load_manifest(result.out_dir)
-    clean = read_checked(result.out_dir, m["test_sets"][0], 3)
+    m = Manifest.load(result.out_dir)
+    clean = read_checked(result.out_dir, m.test_sets[0], m)
     assert "x02" not in clean.ids and len(clean.ids) == 11
-    for entry, severity in zip(m["test_sets"][1:], (1, 3)):
-        noisy = read_checked(result.out_dir, entry, 3)
+    for entry, severity in zip(m.test_sets[1:], (1, 3)):
+        noisy = read_checked(result.out_dir, entry, m)
         assert noisy.ids == clean.ids and noisy.attrs["corruption"] == {"kind": "gaussian", "severity": severity}
         np.testing.assert_array_equal(noisy.images, corrupt(clean.images, "gaussian", severity, 0, clean.ids))
-    client3 = read_checked(result.out_dir, m["clients"][3], 3)
+    client3 = read_checked(result.out_dir, m.clients[3], m)
     clean3 = np.stack([gradient_image(i, SIZE) for i in client3.ids])
     np.testing.assert_array_equal(client3.images, corrupt(clean3, "gaussian", 3, 0, client3.ids))
 
@@ -95,7 +98,7 @@ def test_skipped_csv_lists_id_place_and_reason(written):
     assert by_id["t05"]["where"] == "client_001"
     assert by_id["t05"]["reason"] == "ValueError: cannot decode t05"
     assert by_id["t11"]["reason"].startswith("wrong dimensions: decoded uint8 [16, 16, 1], expected uint8 [8, 8, 1]")
-    assert load_manifest(result.out_dir)["skipped"] == {"file": SKIPPED, "count": 4}
+    assert Manifest.load(result.out_dir).extra["skipped"] == {"file": SKIPPED, "count": 4}
     text = summary(result)
     assert "skipped 4 item(s)" in text and "wrong dimensions" in text
 
@@ -112,8 +115,8 @@ def test_a_decoder_that_kills_its_process_is_skipped_not_fatal(tmp_path):
     result = write_shards(plan, tmp_path / "out", workers=2)
     reasons = {i: r for i, _, r in result.skipped}
     assert reasons["t02"].startswith("the decoder process died") and reasons["x03"].startswith("the decoder")
-    m = load_manifest(tmp_path / "out")
-    assert sum(c["n"] for c in m["clients"]) == 39 and m["test_sets"][0]["n"] == 7
+    m = Manifest.load(tmp_path / "out")
+    assert sum(c.n for c in m.clients) == 39 and m.test_sets[0].n == 7
 
 
 def test_a_crash_while_the_writer_is_busy_is_caught_at_the_next_submission():

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from hpcfl.config import dumps_toml
-from hpcfl.report import corrupted_clients, load_run, main, report
+from hpcfl.data.shards import Manifest, ShardEntry
+from hpcfl.report import corrupted_clients, load_run, report
+from hpcfl.report.cli import expand_sweep_roots, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,9 +209,8 @@ def test_corrupted_set_falls_back_to_first_non_clean(tmp_path):
 def test_corrupted_clients_from_run_json_else_manifest(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    manifest = {"clients": [{"corruption": None}, {"corruption": {"kind": "gaussian", "severity": 3}},
-                            {"corruption": None}]}
-    (data / "manifest.json").write_text(json.dumps(manifest))
+    Manifest(2, ["a", "b"], (8, 8, 1), [ShardEntry("client_000.h5", 4), ShardEntry("client_001.h5", 4, {
+        "kind": "gaussian", "severity": 3}), ShardEntry("client_002.h5", 4)], []).write(data)
     with_list = make_run(tmp_path, "a", info={"corrupted_clients": [0, 2]})
     without = make_run(tmp_path, "b", info={"data_dir": str(data)})
     json_info = json.loads((without / "run.json").read_text())
@@ -361,7 +362,6 @@ def test_report_on_real_runs(tmp_path, capsys):
 
 
 def test_a_sweep_root_stands_for_its_run_directories(tmp_path):
-    from hpcfl.report import expand_sweep_roots
 
     root = tmp_path / "sweep"
     for name in ("fedavg-s0", "fedism-s0"):

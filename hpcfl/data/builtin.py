@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcfl.data.shards import client_file, test_file, write_manifest, write_shard
+from hpcfl.data.shards import Manifest, ShardEntry, client_file, test_file, write_shard
 from hpcfl.data.corrupt import corrupt
 from hpcfl.data.partition import dirichlet_partition
 from hpcfl.data.render import CLASS_NAMES, render_images
@@ -102,9 +102,8 @@ def build(out_dir: str | Path, bench, workers: int = 1) -> Path:
                 images = corrupt(images, bench.corruption, bench.severity, bench.seed, ids)
             sha = write_shard(tmp / client_file(cid), images, train_labels[rows], ids,
                               {**common, "client_id": cid, "corruption": corruption})
-            clients.append({"file": client_file(cid), "n": int(len(rows)), "corruption": corruption,
-                            "class_counts": np.bincount(train_labels[rows], minlength=num_classes).tolist(),
-                            "sha256": sha})
+            clients.append(ShardEntry(client_file(cid), int(len(rows)), corruption, sha,
+                                      np.bincount(train_labels[rows], minlength=num_classes).tolist()))
 
         test_sets = []
         variants = [("clean", None)] + [(f"{bench.corruption}_{s}", s) for s in bench.test_severities]
@@ -114,15 +113,11 @@ def build(out_dir: str | Path, bench, workers: int = 1) -> Path:
             corruption = None if severity is None else {"kind": bench.corruption, "severity": severity}
             sha = write_shard(tmp / test_file(name), images, test_labels, test_ids,
                               {**common, "test_set": name, "corruption": corruption})
-            test_sets.append({"name": name, "file": test_file(name), "n": int(len(test_labels)),
-                              "corruption": corruption, "sha256": sha})
+            test_sets.append(ShardEntry(test_file(name), int(len(test_labels)), corruption, sha, name=name))
 
-        write_manifest(tmp, {
-            "dataset": "builtin", "num_classes": num_classes, "class_names": class_names,
-            "image_shape": [size, size, 1], "clients": clients, "test_sets": test_sets,
-            "made_by": {"command": "hpcfl.data.builtin.build", "arguments": dataclasses.asdict(bench),
-                        "versions": {"numpy": np.__version__}},
-        })
+        Manifest(num_classes, class_names, (size, size, 1), clients, test_sets, dataset="builtin",
+                 made_by={"command": "hpcfl.data.builtin.build", "arguments": dataclasses.asdict(bench),
+                          "versions": {"numpy": np.__version__}}).write(tmp)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, out_dir)
