@@ -16,7 +16,9 @@ the new checkpoint, whole. No random-number state needs saving: every stream is 
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -36,17 +38,26 @@ class CheckpointError(UsageError):
 def save_array(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            try:
+                np.save(f, array, allow_pickle=False)
+            except OSError as e:
+                if e.errno is not None:
+                    raise
+                # NumPy reports a short write as "N requested and M written", without an errno
+                raise OSError(errno.ENOSPC, f"No space left on device (the write stopped short: {e})",
+                              str(path)) from None
 
 
 def load_array(path: Path, size: int | None = None) -> np.ndarray:
-    """A float32 vector saved by ``save_array`` (never unpickled); ``size``: the length it must have."""
+    """A finite float32 vector saved by ``save_array`` (never unpickled); ``size``: the length it must have."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint file ({e})") from None
     if array.dtype != np.float32 or array.ndim != 1 or (size is not None and array.shape[0] != size):
         raise CheckpointError(f"{path}: {array.dtype} {tuple(array.shape)}, this model needs float32 ({size},)")
+    if not np.isfinite(array).all():
+        raise CheckpointError(f"{path}: holds non-finite values (NaN or infinity)")
     return array
 
 
@@ -75,8 +86,8 @@ def commit(run_dir: Path, round_idx: int, state: dict, global_vec: np.ndarray) -
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     write_json(run_dir / POINTER, {"round": round_idx, "dir": final.name})
-    for old in run_dir.glob("checkpoint-*"):
-        if old != final and old.is_dir():
+    for old in [*run_dir.glob("checkpoint-*"), *run_dir.glob(".checkpoint-*.tmp")]:
+        if old != final and old.is_dir():  # older checkpoints, and staging left by a failed attempt
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -86,7 +97,7 @@ def latest(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     try:
-        info = json.loads(pointer.read_text())
+        info = json.loads(pointer.read_bytes().decode("utf-8"))
         name = info["dir"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{pointer}: not an hpcfl checkpoint pointer ({e})") from None
@@ -99,12 +110,63 @@ def latest(run_dir: Path) -> Path | None:
     return directory
 
 
-def load_state(directory: Path) -> dict:
+def load_state(directory: Path, rounds: int, eval_every: int) -> dict:
+    """state.json, checked before anything is read from it or appended to: the round is one of the run's
+    ``rounds``, the weights are finite numbers, the metrics are the lines of every round evaluated up to that
+    round (``eval_every``, as the run that wrote it), in order."""
+    path = directory / "state.json"
     try:
-        state = json.loads((directory / "state.json").read_text())
+        state = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'state.json'}: unreadable ({e})") from None
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an hpcfl checkpoint (not a JSON object)")
     for key in ("round", "config_digest", "algorithm", "prev_weights", "metrics"):
         if key not in state:
-            raise CheckpointError(f"{directory / 'state.json'}: not an hpcfl checkpoint (lacks {key!r})")
+            raise CheckpointError(f"{path}: not an hpcfl checkpoint (lacks {key!r})")
+    t = state["round"]
+    if type(t) is not int or not 0 <= t < rounds:
+        raise CheckpointError(f"{path}: round {t!r} is not a round of this run (0..{rounds - 1})")
+    if not isinstance(state["algorithm"], dict):
+        raise CheckpointError(f"{path}: algorithm state is {type(state['algorithm']).__name__}, not an object")
+    weights = state["prev_weights"]
+    if not (isinstance(weights, list) and weights and all(_finite_number(w) for w in weights)):
+        raise CheckpointError(f"{path}: prev_weights must be a list of finite numbers")
+    lines = state["metrics"]
+    expected = [r for r in range(t + 1) if (r + 1) % eval_every == 0 or r == rounds - 1]
+    if not (isinstance(lines, list) and all(isinstance(x, dict) for x in lines)) \
+            or [x.get("round") for x in lines] != expected:
+        found = [x.get("round") for x in lines if isinstance(x, dict)] if isinstance(lines, list) else lines
+        raise CheckpointError(f"{path}: metrics must hold the lines of rounds {expected} (evaluated up to round "
+                              f"{t}), found {str(found)[:200]}")
     return state
+
+
+def check_sizes(directory: Path, state: dict, num_clients: int, size: int, client_files: bool,
+                check_state) -> np.ndarray:
+    """The parts whose sizes only the data and the model know, checked before anything is written: the weights
+    (one per client), the algorithm's state (``check_state``), the global model (finite, float32 [size]) and,
+    where the algorithm keeps them, every client's file (its header: float32 [size]). Returns the global model."""
+    path = directory / "state.json"
+    if len(state["prev_weights"]) != num_clients:
+        raise CheckpointError(f"{path}: {len(state['prev_weights'])} prev_weights for {num_clients} clients")
+    try:
+        check_state(state["algorithm"], num_clients)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: algorithm state: {e}") from None
+    global_vec = load_array(directory / "global.npy", size)
+    if client_files:
+        for cid in range(num_clients):
+            file = client_path(directory, cid)
+            try:
+                header = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: unreadable checkpoint file ({e})") from None
+            if header.dtype != np.float32 or header.shape != (size,):
+                raise CheckpointError(f"{file}: {header.dtype} {tuple(header.shape)}, this model needs float32 "
+                                      f"({size},)")
+    return global_vec
+
+
+def _finite_number(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)

@@ -14,6 +14,10 @@ collective would steal the cores of the ranks still computing. So every collecti
 ranks to arrive on a tiny ``Ibarrier`` polled with ``Test()`` and short sleeps, and only then enters the real
 (blocking) collective, which then completes quickly. (Never sleep-poll a *large* non-blocking collective:
 MPICH only makes progress inside ``Test``.)
+
+While it waits, a rank is marked as waiting (``Where.waiting``), and every client rank sends the server a tiny
+*arrival note* (collective number, round, phase) on a communicator of its own: when a rank never arrives, the
+server's watchdog can say which one, and where it was last seen (``missing_ranks``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import datetime
 
 import numpy as np
 
@@ -98,6 +103,18 @@ class Comm:
         """End every rank of the job now."""
         raise NotImplementedError
 
+    def watch(self, where) -> None:
+        """Mark ``where.waiting`` while in a collective and, under MPI, send arrival notes from it (``where``:
+        hpcfl.supervise.Where, whose phase travels as ``phase_code()``)."""
+        self.where = where
+
+    def missing_ranks(self) -> list[tuple[int, str]]:
+        """Server, while waiting in a collective: the ranks that have not arrived, with where each was last seen."""
+        return []
+
+    def close(self) -> None:
+        """Release what ``watch`` holds (before the next run in the same process)."""
+
 
 class SingleProcessComm(Comm):
     """Single-rank mode: the server hosts every client; collectives are identities."""
@@ -126,12 +143,77 @@ class MPIComm(Comm):
         self.comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
+        self.where, self.notes = None, None
+        self.collectives = 0  # collectives this rank has entered
+
+    def watch(self, where) -> None:
+        self.where = where
+        self.notes = self.comm.Dup()  # arrival notes never match the collectives' traffic
+        if self.is_server:  # [collective number, round, phase index, unix time] from each client rank
+            self._note_buf = {r: np.zeros(4, dtype=np.float64) for r in range(1, self.size)}
+            self._note_req = {r: self.notes.Irecv(self._note_buf[r], source=r, tag=1) for r in range(1, self.size)}
+            self.last_note: dict[int, np.ndarray] = {}
+        self._sent: list = []
+
+    def _note_arrival(self) -> None:
+        self.collectives += 1
+        w = self.where
+        if w is None:
+            return
+        if self.is_server:
+            self._read_notes()
+            return
+        note = np.array([self.collectives, -1 if w.round is None else w.round, w.phase_code(), time.time()])
+        self._sent = [(req, buf) for req, buf in self._sent if not req.Test()]  # keep buffers of sends in flight
+        self._sent.append((self.notes.Isend(note, dest=SERVER, tag=1), note))
+
+    def _read_notes(self) -> None:
+        for r, req in self._note_req.items():
+            while req.Test():
+                self.last_note[r] = self._note_buf[r].copy()
+                req = self._note_req[r] = self.notes.Irecv(self._note_buf[r], source=r, tag=1)
+
+    def missing_ranks(self):
+        if not self.is_server or self.notes is None:
+            return []
+        out = []
+        for r in range(1, self.size):
+            note = self.last_note.get(r)
+            if note is not None and int(note[0]) >= self.collectives:
+                continue
+            if note is None:
+                out.append((r, "nowhere since the start"))
+                continue
+            phase = self.where.phase_name(int(note[2]))
+            when = datetime.fromtimestamp(note[3]).strftime("%H:%M:%S")
+            out.append((r, f"arriving after phase {phase} of round {int(note[1]) if note[1] >= 0 else '-'} at "
+                           f"{when}, collective {int(note[0])} of the server's {self.collectives}"))
+        return out
+
+    def close(self) -> None:
+        if self.notes is None:
+            return
+        if self.is_server:
+            for req in self._note_req.values():
+                req.Cancel()
+                req.Wait()
+        for req, _ in self._sent:
+            req.Wait()
+        self.notes.Free()
+        self.notes, self.where = None, None
 
     def _arrive(self):
         """Wait, without burning a core, until every rank has reached this collective."""
+        self._note_arrival()
         req = self.comm.Ibarrier()
+        if self.where is not None:
+            self.where.waiting = True
         while not req.Test():
+            if self.is_server and self.notes is not None:
+                self._read_notes()
             time.sleep(_POLL_S)
+        if self.where is not None:
+            self.where.waiting = False
 
     def bcast(self, buf):
         self._arrive()

@@ -35,8 +35,12 @@ class RunConfig:
     out: str = option("runs/default", doc="run directory (config, metrics, logs, checkpoints, final model: docs/outputs.md)")
     torch_threads: int = option(1, lo=1, doc="torch intra-op threads per rank; equal numbers across ranks need equal values")
     device: str = option("cpu", choices=("cpu", "cuda", "auto"), doc="client ranks' device; 'auto' = cuda when available")
-    round_timeout_s: float = option(0.0, lo=0.0, doc="end the job when one round takes longer (a stuck rank or "
-                                                     "collective); 0: no limit")
+    round_timeout_s: float = option(0.0, lo=0.0, doc="end the job when one round takes longer than this (a stuck "
+                                                       "rank or collective); 0: adapt to the run (5 x the slowest "
+                                                       "round so far, at least run.watchdog_floor_s)")
+    watchdog_floor_s: float = option(300.0, lo=0.0, lo_open=True,
+                                     doc="the adaptive round limit's floor (4 x this for the first round of an "
+                                         "attempt, which pays for warm-up)")
     on_nonfinite: str = option("abort", choices=("abort", "skip"),
                              doc="a client with non-finite parameters, loss or statistics: end the job, or leave the "
                                  "client out of that round")
@@ -242,7 +246,7 @@ def from_dict(raw: dict) -> Config:
 
 
 # Keys that may change between a run and its resumption without changing its numbers.
-RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every"), ("run", "round_timeout_s")}
+RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every"), ("run", "round_timeout_s"), ("run", "watchdog_floor_s")}
 
 
 def config_differences(old: Config, new: Config) -> list[str]:
@@ -281,16 +285,36 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
     for text in overrides:
         (sec, key), value = parse_override(text)
+        if isinstance(value, str):
+            toml_string(value)  # refuses what a run directory's config.toml could not hold
         raw.setdefault(sec, {})
         if not isinstance(raw[sec], dict):
             raise ConfigError(f"--set {text!r}: {sec} is not a section")
         raw[sec][key] = value
     return from_dict(raw)
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string: UTF-8 as it is; quote, backslash and control characters escaped. (JSON's escapes are
+    not TOML's: it writes characters outside the BMP as surrogate pairs, which TOML refuses.)"""
+    def esc(ch: str) -> str:
+        if ch in '"\\':
+            return "\\" + ch
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            return f"\\u{ord(ch):04X}"
+        if 0xD800 <= ord(ch) <= 0xDFFF:  # a lone surrogate (an undecodable byte in a path) has no UTF-8 form
+            raise ConfigError(f"{text!r}: holds bytes that are not UTF-8, which a config file cannot store")
+        return ch
+    return '"' + "".join(esc(ch) for ch in text) + '"'
 
 
 def dumps_toml(d: dict) -> str:
@@ -300,7 +324,7 @@ def dumps_toml(d: dict) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a valid TOML basic string
+            return toml_string(v)
         if isinstance(v, float):
             return repr(v)
         if isinstance(v, (list, tuple)):

@@ -18,7 +18,7 @@ from hpcfl.client.trainer import ClientData
 from hpcfl.comm import Comm, assign_clients
 from hpcfl.config import Config
 from hpcfl.data.builtin import build, builtin_dir
-from hpcfl.data.shards import Manifest, read_checked
+from hpcfl.data.shards import Manifest, check_directory, read_checked
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
@@ -148,6 +148,8 @@ def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Fe
 
     where.phase = "setup"
     manifest = Manifest.load(data_dir)
+    if comm.is_server:  # every shard's labels and shapes, once, before any rank trains
+        check_directory(data_dir, manifest)
     shard_sizes = np.array([c.n for c in manifest.clients], dtype=np.int64)
     empty = [c for c in range(len(shard_sizes)) if shard_sizes[c] == 0]
     if empty:

@@ -42,9 +42,10 @@ from hpcfl.client.trainer import train_client
 from hpcfl.federation import Federation, setup_federation
 from hpcfl.metrics import classification_metrics, client_summary, predict_proba
 from hpcfl.outputs import ServerRecord
-from hpcfl.rundir import COMPLETE, FRESH, RESUME, finish_run_info, open_run_dir, record_start
+from hpcfl.rundir import COMPLETE, FRESH, RESUME, Opening, finish_run_info, open_run_dir, record_start
+from hpcfl.runlock import RunLock
 from hpcfl.seeds import generator, stream_seed
-from hpcfl.supervise import RoundWatchdog, Where, add_rank_log
+from hpcfl.supervise import RoundWatchdog, Where, add_rank_log, trace_path
 
 log = logging.getLogger("hpcfl")
 
@@ -334,18 +335,21 @@ def finite_max(values: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------------------- the run
 
-def start_state(fed: Federation, mode: int, ckpt_dir: Path | None) -> tuple[RoundState, int, list[dict]]:
-    """w^start on every rank, from the initial model or the last checkpoint: (state, first round, metrics lines)."""
+def start_state(fed: Federation, opening: Opening) -> tuple[RoundState, int, list[dict]]:
+    """w^start on every rank, from the initial model or the checkpoint the server chose and checked: (state, first
+    round, metrics lines). A checkpoint that does not fit this data and model is refused before anything is
+    written (checkpoint.check_sizes); each client rank checks the kept models it reads."""
     comm, layout, n = fed.comm, fed.layout, fed.num_clients
     fed.where.phase = "resume"
     s = RoundState(global_vec=layout.to_vector(fed.model) if comm.is_server else layout.empty(),
                    prev_weights=np.full(n, 1.0 / n))
     start, lines = 0, []
-    if mode == RESUME:
+    if opening.mode == RESUME:
         resume = np.zeros(n + 1)
         if comm.is_server:
-            state = checkpoint.load_state(ckpt_dir)
-            s.global_vec[:] = checkpoint.load_array(ckpt_dir / "global.npy", layout.size)
+            state, directory = opening.state, opening.checkpoint
+            s.global_vec[:] = checkpoint.check_sizes(directory, state, n, layout.size,
+                                                     fed.algorithm.keeps_local_model, fed.algorithm.check_state)
             fed.algorithm.load_state_dict(state["algorithm"])
             lines = state["metrics"]
             resume[0], resume[1:] = state["round"] + 1, state["prev_weights"]
@@ -361,23 +365,41 @@ def start_state(fed: Federation, mode: int, ckpt_dir: Path | None) -> tuple[Roun
 
 def run(cfg, comm, out_dir: Path, where: Where, overwrite: bool = False, force: bool = False) -> dict:
     """Run (or resume) the whole federation. Returns {"stopped": True} when stopped at a checkpoint on request."""
+    lock = RunLock(out_dir) if comm.is_server else None
+    try:
+        return _run(cfg, comm, out_dir, where, lock, overwrite, force)
+    finally:
+        if lock is not None:
+            lock.release()
+        comm.close()
+
+
+def _run(cfg, comm, out_dir: Path, where: Where, lock: RunLock | None, overwrite: bool, force: bool) -> dict:
     t_start = time.time()
     torch.set_num_threads(cfg.run.torch_threads)
     where.phase = "setup"
-    mode, ckpt_dir = open_run_dir(cfg, out_dir, overwrite, force) if comm.is_server else (FRESH, None)
-    mode = int(comm.bcast(np.array([mode], dtype=np.int64))[0])  # the server decides, everyone follows
+    opening = Opening(FRESH)
+    if comm.is_server:  # the server decides, holding the run directory's lock; everyone follows
+        out_dir.mkdir(parents=True, exist_ok=True)
+        replaced = lock.acquire()
+        if replaced:
+            log.info("%s: took over the lock of a run that is gone (%s)", out_dir, replaced["stale"])
+        opening = open_run_dir(cfg, out_dir, overwrite, force)
+    mode = int(comm.bcast(np.array([opening.mode], dtype=np.int64))[0])
     if mode == COMPLETE:
         log.info("%s: this run is already complete (--overwrite to run it again)", out_dir)
         return {}
     add_rank_log(out_dir, comm.rank)
+    where.trace_to(trace_path(out_dir, comm.rank), comm.rank)
+    comm.watch(where)
     fed = setup_federation(cfg, comm, out_dir, where)
-    s, start, lines = start_state(fed, mode, ckpt_dir)
+    s, start, lines = start_state(fed, opening if comm.is_server else Opening(mode))
+    comm.bcast(s.global_vec)  # w^start: from here on every rank has checked its part of the checkpoint
     record = None
     if comm.is_server:
         record_start(fed, mode, start)
         record = ServerRecord(fed, lines, start)
-    comm.bcast(s.global_vec)  # w^start
-    watchdog = RoundWatchdog(cfg.run.round_timeout_s, comm.abort, comm.rank, where)
+    watchdog = RoundWatchdog(cfg.run.round_timeout_s, cfg.run.watchdog_floor_s, comm, where)
 
     for t in range(start, cfg.run.rounds):
         watchdog.new_round()
@@ -392,6 +414,7 @@ def run(cfg, comm, out_dir: Path, where: Where, overwrite: bool = False, force: 
             watchdog.stop()
             if record:
                 record.progress.close()
+            where.end("stopped")
             log.info("stopped after round %d at a checkpoint: run the same command again to resume", t + 1)
             return {"stopped": True}
 
@@ -403,4 +426,5 @@ def run(cfg, comm, out_dir: Path, where: Where, overwrite: bool = False, force: 
         record.runlog.close()
         checkpoint.save_array(out_dir / "final_model.npy", s.global_vec)  # before "finished" marks the run complete
         finish_run_info(out_dir, time.time() - t_start)
+    where.end("finished")
     return {}

@@ -4,16 +4,16 @@ Under ``mpirun -n W`` (W >= 2) rank 0 is the server and ranks 1..W-1 host the cl
 process does everything (single-rank mode) and gives the same numbers.
 
 Running the same command again in the same run directory resumes from the last checkpoint (or says the run is
-complete). Exit codes: 0 done; 2 bad input (config, data, run directory), one message and no traceback; 1 a
-failure during the run, after which every rank is ended (MPI Abort) with a message naming the rank, client, round
-and phase; 3 stopped at a checkpoint on SIGUSR1/SIGTERM (run again to resume).
+complete). Exit codes: 0 done; 2 bad input (config, data, run directory) or environment (permissions, a full
+disk, encodings), one message and no traceback; 1 a failure during the run, after which every rank is ended (MPI
+Abort) with a message naming the rank, client, round and phase; 3 stopped at a checkpoint on SIGUSR1/SIGTERM or
+Ctrl-C (run again to resume; a second Ctrl-C stops at once). docs/reliability.md lists every promise.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 import traceback
@@ -36,10 +36,10 @@ def parse_args(argv=None):
 
 
 def setup_logging(rank: int, size: int) -> None:
-    from hpcfl.outputs import Progress
-
     """Console: rank 0 tells the progress; other ranks only warnings. Each rank's full log also goes to its file
     in the run directory (supervise.add_rank_log)."""
+    from hpcfl.outputs import Progress
+
     fmt = "%(asctime)s [rank %(rank)d] %(message)s" if size > 1 else "%(asctime)s %(message)s"
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
@@ -56,12 +56,16 @@ def setup_logging(rank: int, size: int) -> None:
 
 
 def main(argv=None) -> int:
+    from hpcfl.supervise import install_signal_handlers, launcher_rank
+
+    install_signal_handlers(speaks=launcher_rank() == 0)  # first: a Ctrl-C during the imports is ours too
     args = parse_args(argv)
     from hpcfl import config as config_mod
     from hpcfl.comm import world
-    from hpcfl.errors import UsageError
+    from hpcfl.errors import UsageError, describe_os_error
 
     comm = world()
+    install_signal_handlers(speaks=comm.is_server)
     setup_logging(comm.rank, comm.size)
     log = logging.getLogger("hpcfl")
 
@@ -70,34 +74,36 @@ def main(argv=None) -> int:
     try:
         path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
         cfg = config_mod.load(path, args.overrides)
+        if args.out is not None:
+            config_mod.toml_string(str(args.out))  # refuses a path that config.toml could not hold
+            cfg.run.out = str(args.out)
     except UsageError as e:
         if comm.is_server:
             print(f"hpcfl: error: {e}", file=sys.stderr)
         return 2
-    if args.out is not None:
-        cfg.run.out = str(args.out)
     out_dir = Path(cfg.run.out)
 
     from hpcfl import protocol
-    from hpcfl.supervise import Where, request_stop, to_rank_log
+    from hpcfl.supervise import Where, to_rank_log
 
     where = Where()
-    signal.signal(signal.SIGUSR1, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     try:
         if comm.is_server:
             log.info("hpcfl: %s, %d rounds, run directory %s", cfg.algorithm.name, cfg.run.rounds, out_dir)
         result = protocol.run(cfg, comm, out_dir, where, overwrite=args.overwrite, force=args.force)
-    except UsageError as e:
+    except (UsageError, OSError, UnicodeError) as e:  # bad input or environment: one line, exit 2
         if not comm.is_server:
             # Most bad input is seen by every rank alike; give the server time to report it and end the job,
             # so that the user reads one message rather than one per rank.
             time.sleep(1.0)
+        text = describe_os_error(e) if isinstance(e, OSError) else str(e)
         where_text = f" (rank {comm.rank}, {where})" if comm.size > 1 else ""
-        print(f"hpcfl: error{where_text}: {e}", file=sys.stderr, flush=True)
-        to_rank_log(f"hpcfl: error{where_text}: {e}")
-        if comm.size > 1:
-            comm.abort(2)
+        print(f"hpcfl: error{where_text}: {text}", file=sys.stderr, flush=True)
+        detail = "" if isinstance(e, UsageError) else traceback.format_exc()  # for whoever debugs it, in the log
+        to_rank_log(f"{detail}hpcfl: error{where_text}: {text}")
+        where.end("failed", f"rank {comm.rank} stopped in {where}: {text}")
+        if comm.size > 1 or not isinstance(e, UsageError):
+            comm.abort(2)  # ends every rank; alone, ends at once (a failed HDF5 write can crash the interpreter's exit)
         return 2
     except BaseException as e:  # noqa: BLE001 - any failure must end every rank, not hang the job
         if isinstance(e, SystemExit) and e.code in (0, None):
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
         message = f"hpcfl: rank {comm.rank} failed in {where}: {type(e).__name__}: {e}"
         print(message, file=sys.stderr, flush=True)
         to_rank_log(traceback.format_exc() + message)
+        where.end("failed", message)
         if comm.size > 1:
             comm.abort(1)
         return 1

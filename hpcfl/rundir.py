@@ -11,6 +11,7 @@ import logging
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from hpcfl import __version__, checkpoint
 from hpcfl.atomic import write_json, write_text
 from hpcfl.config import Config, ConfigError, config_differences, load
 from hpcfl.errors import UsageError
+from hpcfl.supervise import previous_run_report
 
 log = logging.getLogger("hpcfl")
 
@@ -32,11 +34,21 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> tuple[int, Path | None]:
-    """Server: decide what to do with the run directory: (FRESH | RESUME | COMPLETE, checkpoint directory).
+@dataclass
+class Opening:
+    """What the server decided about the run directory."""
+
+    mode: int  # FRESH, RESUME or COMPLETE
+    checkpoint: Path | None = None  # the checkpoint to resume from
+    state: dict | None = None  # its state.json, checked
+
+
+def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> Opening:
+    """Server, holding the run directory's lock: decide what to do with it.
 
     Same config and a checkpoint: resume. Same config, finished: complete (nothing to do). A different config is
-    refused with the keys that differ (``force`` resumes anyway); ``overwrite`` always starts afresh."""
+    refused with the keys that differ (``force`` resumes anyway); ``overwrite`` always starts afresh. Nothing in
+    the directory changes before this returns, except what ``overwrite`` removes."""
     stored = out_dir / "config.toml"
     if overwrite or not stored.is_file():
         if overwrite:
@@ -45,8 +57,7 @@ def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> tu
             for d in [*RUN_DIRS, *(p.name for p in out_dir.glob("checkpoint-*")),
                       *(p.name for p in out_dir.glob(".checkpoint-*.tmp"))]:
                 shutil.rmtree(out_dir / d, ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return FRESH, None
+        return Opening(FRESH)
     try:
         previous = load(stored)
     except ConfigError as e:
@@ -55,36 +66,54 @@ def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> tu
     if differences and not force:
         raise UsageError(f"{out_dir} holds a run with a different config ({'; '.join(differences)}): "
                          "choose another --out, --force to resume it with the new values, or --overwrite")
-    info_path = out_dir / "run.json"
-    if info_path.is_file() and "finished" in json.loads(info_path.read_text()) and not differences:
-        return COMPLETE, None
+    info = read_run_info(out_dir)
+    if "finished" in info and not differences:
+        return Opening(COMPLETE)
+    report = previous_run_report(out_dir)
+    if report:
+        log.warning("%s: %s", out_dir, report)
     ckpt = checkpoint.latest(out_dir)
-    if ckpt is not None and not force:
-        stored_digest = checkpoint.load_state(ckpt).get("config_digest")
-        if stored_digest != cfg.digest():
-            raise UsageError(f"{ckpt / 'state.json'} was written under another config than {stored} holds now "
-                             "(--force resumes anyway, --overwrite starts afresh)")
     if ckpt is None:
         log.info("%s holds an unfinished run without a checkpoint: starting it again", out_dir)
-        return FRESH, None
-    return RESUME, ckpt
+        return Opening(FRESH)
+    state = checkpoint.load_state(ckpt, previous.run.rounds, previous.eval.every)
+    if state["round"] >= cfg.run.rounds:
+        raise UsageError(f"{ckpt} is after round {state['round'] + 1}, beyond run.rounds = {cfg.run.rounds}")
+    if state["config_digest"] != cfg.digest() and not force:
+        raise UsageError(f"{ckpt / 'state.json'} was written under another config than {stored} holds now "
+                         "(--force resumes anyway, --overwrite starts afresh)")
+    return Opening(RESUME, ckpt, state)
+
+
+def read_run_info(out_dir: Path) -> dict:
+    """run.json, or {} when there is none; a run.json that is not ours is refused."""
+    path = out_dir / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable ({e}); pass --overwrite to start afresh") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{path}: not an hpcfl run.json; pass --overwrite to start afresh")
+    return info
 
 
 def write_run_info(out_dir: Path, info: dict, resumed_at: int | None, world_size: int) -> None:
     """run.json at the start of a run; a resumed run keeps its first start and lists every resumption."""
     info = {**info, "started": _now()}
     if resumed_at is not None:
-        path = out_dir / "run.json"
-        previous = json.loads(path.read_text()) if path.is_file() else {}
+        previous = read_run_info(out_dir)
         info["started"] = previous.get("started", info["started"])
-        info["resumed"] = previous.get("resumed", []) + [{"round": resumed_at, "at": _now(),
+        earlier = previous.get("resumed") if isinstance(previous.get("resumed"), list) else []
+        info["resumed"] = earlier + [{"round": resumed_at, "at": _now(),
                                                           "world_size": world_size}]
     write_json(out_dir / "run.json", info)
 
 
 def finish_run_info(out_dir: Path, wall_s: float) -> None:
     """Mark the run complete in run.json (after the final model is written)."""
-    info = json.loads((out_dir / "run.json").read_text())
+    info = read_run_info(out_dir)
     info.update({"finished": _now(), "wall_s": wall_s,
                  "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     write_json(out_dir / "run.json", info)

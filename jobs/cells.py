@@ -188,7 +188,7 @@ def read_cells(out_root: Path) -> tuple[Path | None, list[tuple[int, str, list[s
     if not path.is_file():
         raise SweepError(f"{path} not found: is {out_root} a sweep directory (made by python -m jobs sweep)?")
     rows, workdir = [], None
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith(WORKDIR_HEADER):
             workdir = Path(line[len(WORKDIR_HEADER):])
         if not line.strip() or line.startswith("#"):

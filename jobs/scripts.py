@@ -20,7 +20,7 @@ SBATCH_FILE, LOCAL_FILE = "sweep.sbatch", "sweep.sh"
 
 def launch_block() -> str:
     """The signal-forwarding, exit-code and requeue block shared by the templates and generated job scripts."""
-    text = (TEMPLATES / "single_node.sbatch").read_text()
+    text = (TEMPLATES / "single_node.sbatch").read_text(encoding="utf-8")
     start, end = text.index(BLOCK_START), text.index(BLOCK_END) + len(BLOCK_END)
     return text[start:end] + "\n"
 
@@ -100,7 +100,7 @@ def render_local(cells: list[Cell], opts, workdir: Path, cells_text: str, mpiexe
               "WORKDIR": _q(workdir), "OUT_ROOT": _q(out_root), "CELLS": _q(out_root / CELLS_FILE),
               "CELLS_SHA256": hashlib.sha256(cells_text.encode()).hexdigest(), "NCELLS": str(len(cells)),
               "LAUNCH": " ".join(_q(a) for a in launch)}
-    text = (TEMPLATES / LOCAL_TEMPLATE).read_text()
+    text = (TEMPLATES / LOCAL_TEMPLATE).read_text(encoding="utf-8")
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     return text

@@ -16,18 +16,18 @@ def cell_state(run_dir: Path) -> tuple[str, bool]:
     try:
         import tomllib
 
-        rounds = tomllib.loads((run_dir / "config.toml").read_text())["run"]["rounds"]
+        rounds = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))["run"]["rounds"]
     except Exception:  # noqa: BLE001 - a state report never fails on one odd directory
         pass
     try:
-        info = json.loads(info_path.read_text()) if info_path.is_file() else None
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
     except ValueError:
         info = {}
     if info is not None and "finished" in info:
         return "finished", True
     if pointer.is_file():
         try:
-            done = json.loads(pointer.read_text())["round"] + 1
+            done = json.loads(pointer.read_text(encoding="utf-8"))["round"] + 1
         except (ValueError, KeyError, TypeError):
             done = "?"
         return f"checkpoint after round {done}/{rounds}", False

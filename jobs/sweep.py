@@ -120,14 +120,14 @@ def check_resources(opts, cells: list[Cell], configs: list) -> None:
 
 
 def check_replace(path: Path, text: str, force: bool) -> None:
-    if path.is_dir() or (path.exists() and path.read_text() != text and not force):
+    if path.is_dir() or (path.exists() and path.read_text(encoding="utf-8") != text and not force):
         raise SweepError(f"{path} exists and differs from this sweep's: choose another --out-root, or --force to "
                          "replace it (only if none of its jobs is queued or running)")
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.chmod(mode)
     os.replace(tmp, path)
 

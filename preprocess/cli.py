@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcfl.errors import UsageError
+from hpcfl.errors import UsageError, describe_os_error, exit_now
 from preprocess.items import Corruption, Item, PipelineError, Plan
 from preprocess.pipeline import summary, write_shards
 
@@ -181,6 +181,9 @@ def run_cli(module: str, argv: Sequence[str] | None, parser: argparse.ArgumentPa
     except (PipelineError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a directory we may not write: finished shards are kept
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        exit_now(2)
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
         return 130

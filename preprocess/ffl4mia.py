@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import numbers
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -50,16 +52,74 @@ class UnsafePickleError(PartitionFileError):
     """A partition file's pickle references a global outside the allowed set."""
 
 
-def _reconstruct(subtype, shape, dtype):
-    """``numpy.core.multiarray._reconstruct``, restricted to what ``ndarray.__reduce__`` emits.
+MAX_ELEMENTS = 10 ** 8  # far above any partition (the largest official one indexes ~20,000 rows)
 
-    Pickled arrays are rebuilt as an empty ``ndarray`` whose ``__setstate__`` (bounded by the data
-    actually in the file) then fills it; refusing a non-empty shape here stops a tiny file from
-    requesting a huge allocation.
-    """
-    if subtype is not np.ndarray or int(np.prod(shape)) != 0:
+
+class _PendingArray:
+    """What a pickled ``ndarray`` becomes while a partition file is read: its state is checked before anything is
+    allocated, then turned into the array (``_resolve``). NumPy's own ``__setstate__`` trusts the state's shape:
+    a tiny file could make it allocate gigabytes, or crash on an object array whose item list is short."""
+
+    def __init__(self):
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("unexpected array state")
+        _, shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and all(_is_int(d) and d >= 0 for d in shape) and len(shape) <= 2):
+            raise pickle.UnpicklingError(f"unexpected array shape {shape!r}")
+        n = math.prod(int(d) for d in shape)
+        if n > MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"an array of {n} elements is not a partition")
+        dtype = np.dtype(dtype)
+        if dtype == np.dtype(object):  # np.save's 0-d wrapper around the dict
+            if shape != () or not (isinstance(raw, list) and len(raw) == 1):
+                raise pickle.UnpicklingError("only a 0-d object array holding one item is expected")
+            self.array = np.empty((), dtype=object)
+            self.array[()] = raw[0]
+        elif dtype.kind in "biuf" and isinstance(raw, bytes) and len(raw) == n * dtype.itemsize:
+            self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
+        else:
+            raise pickle.UnpicklingError(f"unexpected array data ({dtype}, {type(raw).__name__} of "
+                                         f"{len(raw) if hasattr(raw, '__len__') else '?'} for {n} elements)")
+
+
+def _reconstruct(subtype, shape, dtype):
+    """``numpy.core.multiarray._reconstruct``, restricted to what ``ndarray.__reduce__`` emits; the array's
+    content comes in its ``__setstate__`` (``_PendingArray``)."""
+    if subtype is not np.ndarray or shape != (0,):
         raise pickle.UnpicklingError(f"unexpected array reconstruction ({subtype!r}, {shape!r})")
-    return _multiarray._reconstruct(subtype, shape, dtype)
+    return _PendingArray()
+
+
+def _scalar(dtype, data=None):
+    """``numpy.core.multiarray.scalar`` for plain numbers, from exactly one item's bytes (whether they are row
+    indices is checked later, with a message that says so)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf" or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"unexpected NumPy scalar ({dtype})")
+    return _multiarray.scalar(dtype, data)
+
+
+def _dtype(name, align=False, copy=True):
+    """``numpy.dtype`` for plain numbers and the object wrapper (nothing with fields or sub-arrays)."""
+    if not (isinstance(name, str) and re.fullmatch(r"[biuf][1248]|O[48]?|b1", name)):
+        raise pickle.UnpicklingError(f"unexpected dtype {name!r}")
+    return np.dtype(name, align, copy)
+
+
+def _resolve(obj):
+    """The loaded structure with every ``_PendingArray`` replaced by its array."""
+    if isinstance(obj, _PendingArray):
+        if obj.array is None:
+            raise pickle.UnpicklingError("an array without its data")
+        return _resolve(obj.array.item()) if obj.array.dtype == object else obj.array
+    if isinstance(obj, dict):
+        return {_resolve(k): _resolve(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(v) for v in obj]
+    return obj
 
 
 # The globals the official files reference (found with pickletools.dis): protocol 3, GLOBAL
@@ -70,10 +130,10 @@ def _reconstruct(subtype, shape, dtype):
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy.core.multiarray", "scalar"): _multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _dtype,
     ("builtins", "dict"): dict,
     ("builtins", "list"): list,
     ("builtins", "int"): int,
@@ -171,7 +231,7 @@ def load_partition_file(path: str | Path) -> dict[int, np.ndarray]:
         )
 
     try:
-        obj = _RestrictedUnpickler(f, source).load()
+        obj = _resolve(_RestrictedUnpickler(f, source).load())
     except PartitionFileError:
         raise
     except EOFError as e:
@@ -183,8 +243,6 @@ def load_partition_file(path: str | Path) -> dict[int, np.ndarray]:
     if f.read(1):
         raise PartitionFileError(f"{source}: unexpected bytes after the pickle payload")
 
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        obj = obj.item()
     if not isinstance(obj, dict):
         raise PartitionFileError(f"{source}: expected a dict of clients, got {type(obj).__name__}")
 
@@ -207,7 +265,11 @@ def load_split_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
     ids: list[str] = []
     labels: list[int] = []
     # utf-8-sig: tolerate a byte-order mark written by spreadsheet tools.
-    with path.open(newline="", encoding="utf-8-sig") as fh:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != ["id", "class"]:

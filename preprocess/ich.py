@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import os
 import sys
 import warnings
@@ -184,7 +185,11 @@ def read_kaggle_labels(path: Path):
     [(id, reason)], Counter of images outside the task, set of every labelled image id)."""
     seen: dict[str, int] = {}
     problems: list[tuple[str, str]] = []
-    with path.open(newline="", encoding="utf-8-sig") as fh:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != ["ID", "Label"]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import os
 import sys
 from pathlib import Path
@@ -69,7 +70,11 @@ def load_jpeg(path: str, size: int = 224) -> np.ndarray:
 def read_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise PipelineError(f"{path}: not found")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:

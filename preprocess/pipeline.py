@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcfl.atomic import atomic_path, write_json, write_text
+from hpcfl.atomic import atomic_path, check_room, write_json, write_text
 from hpcfl.data.corrupt import corrupt
 from hpcfl.data.shards import MANIFEST, Manifest, ShardEntry, ShardWriter, client_file, sha256_of, test_file
 from preprocess.decode import Decoder
@@ -206,6 +206,8 @@ def write_job(job: Job, decoded: Iterator, out_dir: Path, shape, compression, nu
     """Write a job's shards from the next ``len(job.items)`` decoded items (temporary files renamed at the end);
     returns its progress entry."""
     skipped = []
+    image_bytes = len(job.items) * int(np.prod(shape))
+    check_room(out_dir, image_bytes * len(job.outputs), image_bytes)
     with ExitStack() as stack:
         writers = [stack.enter_context(ShardWriter(out_dir / o.file, len(job.items), shape, o.attrs, compression))
                    for o in job.outputs]
@@ -244,7 +246,7 @@ def prepare_out_dir(out_dir: Path) -> dict:
             raise PipelineError(f"{out_dir}: not empty and holds no {PROGRESS}; choose a new or empty directory")
         return {}
     try:
-        progress = json.loads(progress_path.read_text())
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         print(f"warning: {progress_path} unreadable ({e}); redoing every shard", file=sys.stderr)
         return {}
@@ -297,7 +299,7 @@ def write_shards(plan: Plan, out_dir: str | Path, workers: int = 1) -> Result:
 def write_skipped(path: Path, rows) -> None:
     lines = [["id", "where", "reason"], *[[i, w, r] for i, w, r in rows]]
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             csv.writer(f, lineterminator="\n").writerows(lines)
 
 

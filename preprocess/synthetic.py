@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hpcfl.data.builtin import build
+from hpcfl.errors import describe_os_error, exit_now
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,11 @@ def main(argv=None) -> int:
     if args.out_dir.exists():
         print(f"error: {args.out_dir} exists; choose a new directory", file=sys.stderr)
         return 2
-    build(args.out_dir, cfg.benchmark, max(1, args.workers))
+    try:
+        build(args.out_dir, cfg.benchmark, max(1, args.workers))
+    except OSError as e:  # a full disk, a directory we may not write: nothing half-written is left
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        exit_now(2)
     print(f"wrote {args.out_dir}")
     return 0
 

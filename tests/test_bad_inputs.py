@@ -339,7 +339,7 @@ CASES = [
     Case("manifest_not_json", "data", _manifest_not_json, "manifest.json: not valid JSON"),
     Case("manifest_wrong_schema", "data", _manifest_schema, "schema 2, this hpcfl reads schema 1"),
     Case("shard_missing", "data", _shard_missing, "client_002.h5: listed in the manifest but missing"),
-    Case("shard_truncated", "data", _shard_truncated, "client_001.h5: sha256 differs from the manifest"),
+    Case("shard_truncated", "data", _shard_truncated, "client_001.h5: not a readable hpcfl shard"),
     Case("shard_not_hdf5_without_sha", "data", _shard_not_hdf5_no_sha, "client_001.h5: not a readable hpcfl shard"),
     Case("labels_out_of_range", "data", _labels_out_of_range, "client_000.h5: labels outside 0..2"),
     Case("manifest_n_differs", "data", _n_mismatch, "client_001.h5: 6 images, the manifest says 7"),

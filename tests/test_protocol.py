@@ -11,7 +11,7 @@ import pytest
 from hpcfl import config, protocol
 from hpcfl.comm import SingleProcessComm
 from hpcfl.federation import setup_federation
-from hpcfl.rundir import FRESH
+from hpcfl.rundir import FRESH, Opening
 from hpcfl.supervise import Where
 from tests.conftest import TINY, final_vector, read_metrics
 
@@ -25,7 +25,7 @@ def fedism(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("phases")
     cfg = tiny_config(data_cache, "algorithm.name=fedism", "data.val_fraction=0.2")
     fed = setup_federation(cfg, SingleProcessComm(), out, Where())
-    state, start, lines = protocol.start_state(fed, FRESH, None)
+    state, start, lines = protocol.start_state(fed, Opening(FRESH))
     return fed, state
 
 

@@ -115,6 +115,25 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def check_state(self, state: dict, num_clients: int) -> None:
+        """Refuse a checkpointed state this method could not continue from (ValueError naming the key). This
+        default fits states made of per-client rows: a key that starts as None holds None or one row of N finite
+        numbers; a key that starts as [] holds a history, a list of such rows."""
+        fresh = self.state_dict()
+        if not isinstance(state, dict) or sorted(state) != sorted(fresh):
+            raise ValueError(f"keys {sorted(state) if isinstance(state, dict) else state!r}, expected {sorted(fresh)}")
+        for key, value in state.items():
+            if fresh[key] == []:
+                if not isinstance(value, list):
+                    raise ValueError(f"{key!r} must be a list of rows")
+                rows = value
+            else:
+                rows = [] if value is None else [value]
+            for row in rows:
+                if not (isinstance(row, list) and len(row) == num_clients
+                        and all(type(x) in (int, float) and np.isfinite(x) for x in row)):
+                    raise ValueError(f"{key!r} must hold {num_clients} finite numbers per row")
+
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
 

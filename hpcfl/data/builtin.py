@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcfl.atomic import check_room
 from hpcfl.data.shards import Manifest, ShardEntry, client_file, test_file, write_shard
 from hpcfl.data.corrupt import corrupt
 from hpcfl.data.partition import dirichlet_partition
@@ -77,6 +78,9 @@ def build(out_dir: str | Path, bench, workers: int = 1) -> Path:
     if num_classes > len(CLASS_NAMES):
         raise ValueError(f"benchmark.class_prior: the renderer draws at most {len(CLASS_NAMES)} classes")
     class_names = list(CLASS_NAMES[:num_classes])
+    per_image = bench.image_size ** 2
+    check_room(out_dir.parent, per_image * (bench.num_train + bench.num_test * (1 + len(bench.test_severities))),
+               per_image * max(bench.num_test, bench.num_train))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

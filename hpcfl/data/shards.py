@@ -146,11 +146,7 @@ def read_shard(path: str | Path) -> Shard:
         raise ShardError(f"{path}: not a readable hpcfl shard ({e})") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ShardError(f"{path}: images are {images.dtype} {tuple(images.shape)}, expected uint8 [n, H, W, C]")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ShardError(f"{path}: labels are {labels.dtype} {tuple(labels.shape)}, expected integers [n]")
-    if not (len(labels) == len(images) == len(ids)):
-        raise ShardError(f"{path}: {len(images)} images, {len(labels)} labels and {len(ids)} ids: each image needs "
-                         "one label and one id")
+    _check_labels(path, labels, len(images), len(ids))
     ids = [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in ids]
     return Shard(images, labels.astype(np.int64), ids, attrs)
 
@@ -274,6 +270,40 @@ def _entry(raw: dict, path: Path, where: str, num_classes: int, test_set: bool =
     if name is not None and not isinstance(name, str):
         raise ShardError(f"{path}: {where}.name {name!r} must be a string")
     return ShardEntry(file, n, corruption, sha, counts, name)
+
+
+def check_directory(directory: str | Path, manifest: Manifest) -> None:
+    """Check every shard the manifest lists without reading its images: the file is an hpcfl shard with as many
+    uint8 images of the manifest's shape, integer labels in range and ids as the manifest says. Run once, by the
+    server, before any rank trains (the checksums are checked by the rank that reads each shard)."""
+    for entry in [*manifest.clients, *manifest.test_sets]:
+        path = Path(directory) / entry.file
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in the manifest but missing")
+        try:
+            with h5py.File(path, "r") as f:
+                images, labels, ids = f["images"], f["labels"][...], f["ids"]
+                shape, dtype, n_ids = tuple(images.shape), images.dtype, len(ids)
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise ShardError(f"{path}: not a readable hpcfl shard ({e})") from None
+        if dtype != np.uint8 or len(shape) != 4:
+            raise ShardError(f"{path}: images are {dtype} {shape}, expected uint8 [n, H, W, C]")
+        _check_labels(path, labels, shape[0], n_ids)
+        if shape[0] != entry.n:
+            raise ShardError(f"{path}: {shape[0]} images, the manifest says {entry.n}")
+        if shape[0] and shape[1:] != tuple(manifest.image_shape):
+            raise ShardError(f"{path}: images of shape {list(shape[1:])}, the manifest's image_shape is "
+                             f"{list(manifest.image_shape)}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= manifest.num_classes):
+            raise ShardError(f"{path}: labels outside 0..{manifest.num_classes - 1}")
+
+
+def _check_labels(path: Path, labels: np.ndarray, n_images: int, n_ids: int) -> None:
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ShardError(f"{path}: labels are {labels.dtype} {tuple(labels.shape)}, expected integers [n]")
+    if not (len(labels) == n_images == n_ids):
+        raise ShardError(f"{path}: {n_images} images, {len(labels)} labels and {n_ids} ids: each image needs "
+                         "one label and one id")
 
 
 def read_checked(directory: str | Path, entry: ShardEntry, manifest: Manifest) -> Shard:

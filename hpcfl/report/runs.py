@@ -84,16 +84,16 @@ class Run:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise ReportError(f"{path} is not readable JSON ({e})") from None
 
 
 def flat_config(path: Path) -> dict[str, Any]:
     """config.toml as {"section.key": value}, missing keys filled with their defaults."""
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad TOML or not UTF-8
         raise ReportError(f"{path} is not a readable config ({e})") from None
     return {**DEFAULTS, **_flat(raw)}
 
@@ -101,7 +101,11 @@ def flat_config(path: Path) -> dict[str, Any]:
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl, one line per evaluated round, sorted by round; a round logged twice keeps its last line."""
     by_round: dict[int, dict] = {}
-    for k, text in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text_lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: unreadable ({e})") from None
+    for k, text in enumerate(text_lines, 1):
         if not text.strip():
             continue
         try:

@@ -12,7 +12,8 @@ from hpcfl.report.runs import ReportError, Run, training_corruption
 
 METHOD_KEYS = ("algorithm.name", "algorithm.variant", "train.local_optimizer")
 BUILTIN_KEYS = ("benchmark.num_corrupted", "benchmark.corruption", "benchmark.severity")
-IGNORED_KEYS = ("run.seed", "run.out", "run.checkpoint_every", "run.round_timeout_s", "data.cache_dir")  # never split a setting
+IGNORED_KEYS = ("run.seed", "run.out", "run.checkpoint_every", "run.round_timeout_s", "run.watchdog_floor_s",
+                "data.cache_dir")  # never split a setting
 AGREE_KEYS = ("run.rounds", "eval.every", "benchmark.test_severities")  # must agree within a setting
 
 
