@@ -50,6 +50,10 @@ def check_room(directory: str | Path, total_bytes: int, largest_file_bytes: int)
     where = Path(directory)
     while not where.exists() and where != where.parent:
         where = where.parent
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, "Read-only file system", str(where))
+    if not os.access(where, os.W_OK):
+        raise OSError(errno.EACCES, "Permission denied", str(where))
     free = shutil.disk_usage(where).free
     need = int(total_bytes * 1.05) + (1 << 20)  # HDF5 metadata and checksums' worth of slack
     if need > free:

@@ -31,6 +31,8 @@ import numpy as np
 
 SERVER = 0
 _POLL_S = 0.002
+_NOTE_EVERY_S = 1.0  # a waiting client rank repeats its arrival note this often
+_SILENT_AFTER_S = 3.0  # a rank not heard from for longer is not waiting in a collective
 
 
 def assign_clients(sizes: list[int] | np.ndarray, num_client_ranks: int) -> list[list[int]]:
@@ -145,50 +147,55 @@ class MPIComm(Comm):
         self.size = mpi_comm.Get_size()
         self.where, self.notes = None, None
         self.collectives = 0  # collectives this rank has entered
+        self._running = False  # every rank arrived: in the collective itself
 
     def watch(self, where) -> None:
         self.where = where
         self.notes = self.comm.Dup()  # arrival notes never match the collectives' traffic
-        if self.is_server:  # [collective number, round, phase index, unix time] from each client rank
-            self._note_buf = {r: np.zeros(4, dtype=np.float64) for r in range(1, self.size)}
+        if self.is_server:  # [collective number, round, phase code] from each client rank; when heard
+            self._note_buf = {r: np.zeros(3, dtype=np.float64) for r in range(1, self.size)}
             self._note_req = {r: self.notes.Irecv(self._note_buf[r], source=r, tag=1) for r in range(1, self.size)}
             self.last_note: dict[int, np.ndarray] = {}
+            self.heard: dict[int, float] = {}
         self._sent: list = []
 
-    def _note_arrival(self) -> None:
-        self.collectives += 1
+    def _send_note(self) -> None:
+        """Client rank: tell the server this rank is at collective number ``collectives`` (on arrival, then every
+        second while it waits, so that a rank that stops while waiting falls silent)."""
         w = self.where
-        if w is None:
-            return
-        if self.is_server:
-            self._read_notes()
-            return
-        note = np.array([self.collectives, -1 if w.round is None else w.round, w.phase_code(), time.time()])
+        note = np.array([self.collectives, -1 if w.round is None else w.round, w.phase_code()], dtype=np.float64)
         self._sent = [(req, buf) for req, buf in self._sent if not req.Test()]  # keep buffers of sends in flight
         self._sent.append((self.notes.Isend(note, dest=SERVER, tag=1), note))
 
     def _read_notes(self) -> None:
         for r, req in self._note_req.items():
             while req.Test():
-                self.last_note[r] = self._note_buf[r].copy()
+                self.last_note[r], self.heard[r] = self._note_buf[r].copy(), time.time()
                 req = self._note_req[r] = self.notes.Irecv(self._note_buf[r], source=r, tag=1)
 
     def missing_ranks(self):
+        """The ranks holding up the collective the server waits in: silent ones (computing, stopped or dead: a
+        waiting rank repeats its note every second), or, if every rank is heard, those that have not arrived."""
         if not self.is_server or self.notes is None:
             return []
-        out = []
+        if self._running:
+            return [(r, "every rank arrived, but the collective itself did not complete") for r in range(1, self.size)]
+        now, silent, behind = time.time(), [], []
         for r in range(1, self.size):
-            note = self.last_note.get(r)
-            if note is not None and int(note[0]) >= self.collectives:
-                continue
+            note, heard = self.last_note.get(r), self.heard.get(r, 0.0)
+            when = datetime.fromtimestamp(heard).strftime("%H:%M:%S")
             if note is None:
-                out.append((r, "nowhere since the start"))
+                silent.append((r, "not heard from since the start"))
                 continue
-            phase = self.where.phase_name(int(note[2]))
-            when = datetime.fromtimestamp(note[3]).strftime("%H:%M:%S")
-            out.append((r, f"arriving after phase {phase} of round {int(note[1]) if note[1] >= 0 else '-'} at "
-                           f"{when}, collective {int(note[0])} of the server's {self.collectives}"))
-        return out
+            where = (f"its collective after phase {self.where.phase_name(int(note[2]))} of round "
+                     f"{int(note[1]) if note[1] >= 0 else '-'}")
+            arrived = int(note[0]) >= self.collectives
+            if now - heard > _SILENT_AFTER_S:  # not waiting in any collective: computing, stopped or dead
+                silent.append((r, f"silent in this collective since {when}" if arrived else
+                                  f"last heard at {when}, arriving at {where}; not at the server's collective since"))
+            elif not arrived:
+                behind.append((r, f"alive, still waiting at {where}"))
+        return silent or behind
 
     def close(self) -> None:
         if self.notes is None:
@@ -202,37 +209,43 @@ class MPIComm(Comm):
         self.notes.Free()
         self.notes, self.where = None, None
 
-    def _arrive(self):
-        """Wait, without burning a core, until every rank has reached this collective."""
-        self._note_arrival()
-        req = self.comm.Ibarrier()
-        if self.where is not None:
+    def _collective(self, run):
+        """Wait, without burning a core, until every rank has reached this collective, then ``run()`` it. The
+        rank counts as waiting until the collective has completed."""
+        self.collectives += 1
+        watched = self.where is not None and self.notes is not None
+        if watched:
             self.where.waiting = True
-        while not req.Test():
-            if self.is_server and self.notes is not None:
-                self._read_notes()
-            time.sleep(_POLL_S)
-        if self.where is not None:
-            self.where.waiting = False
+            if not self.is_server:
+                self._send_note()
+        try:
+            req = self.comm.Ibarrier()
+            last_note = time.monotonic()
+            while not req.Test():
+                if watched and self.is_server:
+                    self._read_notes()
+                elif watched and time.monotonic() - last_note > _NOTE_EVERY_S:
+                    self._send_note()
+                    last_note = time.monotonic()
+                time.sleep(_POLL_S)
+            self._running = True
+            return run()
+        finally:
+            self._running = False
+            if watched:
+                self.where.waiting = False
 
     def bcast(self, buf):
-        self._arrive()
-        self.comm.Bcast(buf, root=SERVER)
-        return buf
+        return self._collective(lambda: self.comm.Bcast(buf, root=SERVER) or buf)
 
     def reduce_sum(self, send, recv):
-        self._arrive()
-        if self.rank == SERVER:
-            if recv is send:
-                self.comm.Reduce(self._MPI.IN_PLACE, recv, op=self._MPI.SUM, root=SERVER)
-            else:
-                self.comm.Reduce(send, recv, op=self._MPI.SUM, root=SERVER)
-            return recv
-        self.comm.Reduce(send, None, op=self._MPI.SUM, root=SERVER)
-        return None
+        if self.rank != SERVER:
+            return self._collective(lambda: self.comm.Reduce(send, None, op=self._MPI.SUM, root=SERVER))
+        source = self._MPI.IN_PLACE if recv is send else send
+        return self._collective(lambda: self.comm.Reduce(source, recv, op=self._MPI.SUM, root=SERVER) or recv)
 
     def barrier(self):
-        self._arrive()
+        self._collective(lambda: None)
 
     def local_client_rank(self):
         # Ranks sharing a node (shared memory); the server, if on this node, does not count. A collective: every

@@ -285,11 +285,10 @@ class RoundWatchdog:
             missing = self.comm.missing_ranks()
             if missing:
                 traces = {r: read_trace(w.trace_dir, r) if hasattr(w, "trace_dir") else None for r, _ in missing}
-                seen = "; ".join(f"rank {r} last seen {note}"
-                                 + (f", now {describe_trace(traces[r])}" if traces[r] else "")
-                                 for r, note in missing)
-                return (f"{head}: rank(s) {[r for r, _ in missing]} did not arrive at the collective after "
-                        f"phase {w.phase} ({seen}); ending the job")
+                seen = "; ".join(f"rank {r}: {note}" + (f"; its trace: {describe_trace(traces[r])}"
+                                                          if traces[r] else "") for r, note in missing)
+                return (f"{head}: rank(s) {[r for r, _ in missing]} held up the collective after phase {w.phase} "
+                        f"({seen}); ending the job")
             return f"{head}: waiting in the collective after phase {w.phase}; ending the job"
         return (f"{head}: waiting for the other ranks after phase {w.phase}; the server (rank 0) did not end the job "
                 "itself, so it is likely rank 0 that is stuck; ending the job")

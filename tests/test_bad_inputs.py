@@ -241,6 +241,38 @@ def _image_shape_mismatch(c):
     return c.data_args(d)
 
 
+def _rewrite_shard(path: Path, images, labels, ids) -> str:
+    """Replace a shard by raw HDF5 datasets (bypassing the writer's checks, as a foreign tool would)."""
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images)
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+    return sha256_of(path)
+
+
+def _bad_labels(labels, which="client"):
+    def setup(c):
+        d = c.shards()
+        images = np.zeros((6 if which == "client" else 9, 16, 16, 1), dtype=np.uint8)
+        ids = [f"x{j}" for j in range(len(images))]
+        if which == "client":
+            set_client_entry(d, 0, sha256=_rewrite_shard(d / client_file(0), images, labels, ids))
+        else:
+            sha = _rewrite_shard(d / set_file("clean"), images, labels, ids)
+            edit_manifest(d, lambda m: m["test_sets"][0].update(sha256=sha))
+        return c.data_args(d)
+    return setup
+
+
+def _manifest_edit(edit):
+    def setup(c):
+        d = c.shards()
+        edit_manifest(d, edit)
+        return c.data_args(d)
+    return setup
+
+
 def _pretrained_missing(c):
     return c.data_args(c.shards(), "model.name=resnet18", f"model.pretrained_path={c.tmp / 'imagenet.pt'}")
 
@@ -306,6 +338,43 @@ def _state_of_another_config(c):
     return sets(*c.base())
 
 
+def _edit_state(edit):
+    def setup(c):
+        c.copy_run(finished=False)
+        path = c.checkpoint_dir() / "state.json"
+        state = json.loads(path.read_text())
+        edit(state)
+        path.write_text(json.dumps(state))
+        return sets(*c.base())
+    return setup
+
+
+def _global_nonfinite(c):
+    c.copy_run(finished=False)
+    path = c.checkpoint_dir() / "global.npy"
+    vec = np.load(path)
+    vec[3] = np.nan
+    with open(path, "wb") as f:
+        np.save(f, vec, allow_pickle=False)
+    return sets(*c.base())
+
+
+def _run_json_garbage(c):
+    c.copy_run(finished=False)
+    (c.out / "run.json").write_bytes(b"\x00not json")
+    return sets(*c.base())
+
+
+def _config_not_utf8(c):
+    path = c.tmp / "latin1.toml"
+    path.write_bytes('[run]\nout = "runs/\xe9t\xe9"\n'.encode("latin-1"))
+    return ["--config", str(path), *sets(c.tripwire())]
+
+
+def _out_not_utf8(c):
+    return [*c.config_args(), "--out", str(c.tmp / "run\udcff")]  # the byte 0xff in a file name
+
+
 CASES = [
     # config: the file
     Case("malformed_toml", "config", _config_file("malformed.toml"), "malformed.toml: not valid TOML"),
@@ -349,6 +418,29 @@ CASES = [
     Case("pretrained_path_missing", "data", _pretrained_missing, "model.pretrained_path"),
     Case("more_client_ranks_than_clients", "data", _more_ranks_than_clients, "5 client ranks but only 4 clients",
          nprocs=6),
+    Case("fewer_labels_than_images", "data", _bad_labels(np.arange(5) % 3),
+         "client_000.h5: 6 images, 5 labels and 6 ids"),
+    Case("float_labels", "data", _bad_labels(np.array([0, 1, 2, 0.5, 1, 2])), "client_000.h5: labels are float64"),
+    Case("labels_2d", "data", _bad_labels((np.arange(6) % 3).reshape(6, 1)), "client_000.h5: labels are int64 (6, 1)"),
+    Case("test_set_label_count_differs", "data", _bad_labels(np.arange(8) % 3, "test"),
+         "test_clean.h5: 9 images, 8 labels and 9 ids"),
+    Case("manifest_file_absolute", "data", _manifest_edit(lambda m: m["clients"][0].update(file="/etc/passwd")),
+         "clients[0].file '/etc/passwd' must be a plain .h5 file name inside the shard directory"),
+    Case("manifest_file_outside", "data",
+         _manifest_edit(lambda m: m["clients"][1].update(file="../elsewhere/client_001.h5")),
+         "clients[1].file '../elsewhere/client_001.h5' must be a plain .h5 file name"),
+    Case("manifest_entry_lacks_file", "data", _manifest_edit(lambda m: m["clients"][2].pop("file")),
+         "clients[2].file None must be a plain .h5 file name"),
+    Case("manifest_n_is_text", "data", _manifest_edit(lambda m: m["clients"][1].update(n="6")),
+         "clients[1].n '6' must be a non-negative integer"),
+    Case("manifest_clients_not_a_list", "data", _manifest_edit(lambda m: m.update(clients={"0": {}})),
+         "clients must be a list of objects"),
+    Case("manifest_class_names_short", "data", _manifest_edit(lambda m: m.update(class_names=["a"])),
+         "class_names must be 3 strings"),
+    Case("manifest_test_set_name_with_slash", "data", _manifest_edit(lambda m: m["test_sets"][0].update(name="a/b")),
+         "test_sets[0].name 'a/b' must be a plain name"),
+    Case("manifest_not_an_object", "data", _manifest_edit(lambda m: (m.clear(), m.update(schema=1, x=[]))),
+         "lacks 'num_classes'"),
     # resume / checkpoint
     Case("resume_with_changed_config", "resume", _changed_config, "different config (train.lr: 0.002 -> 0.001)"),
     Case("checkpoint_pointer_garbage", "resume", _pointer_garbage, "checkpoint.json: not an hpcfl checkpoint pointer"),
@@ -358,6 +450,27 @@ CASES = [
          check=_pickle_not_executed),
     Case("checkpoint_global_wrong_length", "resume", _global_wrong_length, "global.npy"),
     Case("checkpoint_of_another_config", "resume", _state_of_another_config, "state.json"),
+    Case("state_round_negative", "resume", _edit_state(lambda st: st.update(round=-3)),
+         "state.json: round -3 is not a round of this run (0..2)"),
+    Case("state_round_huge", "resume", _edit_state(lambda st: st.update(round=10 ** 12)),
+         "is not a round of this run (0..2)"),
+    Case("state_weights_wrong_length", "resume", _edit_state(lambda st: st.update(prev_weights=[0.5, 0.5])),
+         "state.json: 2 prev_weights for 20 clients"),
+    Case("state_weights_not_numbers", "resume", _edit_state(lambda st: st["prev_weights"].__setitem__(3, "x")),
+         "state.json: prev_weights must be a list of finite numbers"),
+    Case("state_metrics_not_a_list", "resume", _edit_state(lambda st: st.update(metrics={"round": 0})),
+         "state.json: metrics must hold the lines of rounds [0, 1, 2]"),
+    Case("state_metrics_lost_rounds", "resume", _edit_state(lambda st: st.update(metrics=st["metrics"][-1:])),
+         "metrics must hold the lines of rounds [0, 1, 2] (evaluated up to round 2), found [2]"),
+    Case("state_algorithm_not_an_object", "resume", _edit_state(lambda st: st.update(algorithm=[1, 2])),
+         "state.json: algorithm state is list, not an object"),
+    Case("state_algorithm_unknown_keys", "resume", _edit_state(lambda st: st.update(algorithm={"prev": [1]})),
+         "algorithm state: keys ['prev'], expected []"),
+    Case("global_model_not_finite", "resume", _global_nonfinite, "global.npy: holds non-finite values"),
+    Case("run_json_garbage", "resume", _run_json_garbage, "run.json: unreadable"),
+    # text
+    Case("config_not_utf8", "config", _config_not_utf8, "latin1.toml: not UTF-8 text"),
+    Case("out_path_not_utf8", "config", _out_not_utf8, "holds bytes that are not UTF-8"),
 ]
 
 

@@ -249,3 +249,49 @@ def test_official_split_checks_ids(tmp_path):
     folder = make_folder(tmp_path, {0: [0, 2], 1: [3, 1]}, test=("A",))
     with pytest.raises(ValueError, match="both train.csv and test.csv"):
         load_official_split(folder, 1)
+
+
+def test_a_tiny_file_cannot_make_numpy_allocate_or_crash(tmp_path):
+    """A pickled array's state is checked before NumPy builds it: a file of a few hundred bytes asking for a
+    huge array, or an object array with too short a list (which crashed the interpreter), is refused."""
+    import subprocess
+    import sys
+
+    script = r'''
+import io, pickle, resource, sys
+import numpy as np
+from numpy.lib import format as npformat
+from preprocess.ffl4mia import PartitionFileError, load_partition_file
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+class Array:
+    def __init__(self, state):
+        self.state = state
+    def __reduce__(self):
+        return (np.ndarray.__reduce__(np.zeros(0))[0], (np.ndarray, (0,), b"b"), self.state)
+
+for i, state in enumerate([(1, (300_000_000,), np.dtype("f8"), False, b""),
+                           (1, (300_000_000,), np.dtype("O"), False, [0]),
+                           (1, (10 ** 12,), np.dtype("i8"), False, b"")]):
+    outer = np.empty((), dtype=object)
+    outer[()] = {0: Array(state)}
+    f = io.BytesIO()
+    npformat.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+    pickle.dump(outer, f, protocol=3)
+    path = sys.argv[1] + f"/bomb{i}.npy"
+    open(path, "wb").write(f.getvalue())
+    try:
+        load_partition_file(path)
+        print("LOADED", i)
+    except PartitionFileError as e:
+        print(len(f.getvalue()), "refused:", e)
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024)
+'''
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert [line for line in lines if "refused" in line and int(line.split()[0]) < 500] == lines[:3], p.stdout
+    assert "unexpected dtype 'f8'" in lines[0] or "not a partition" in lines[0]
+    assert "is not a partition" in lines[1] and "is not a partition" in lines[2]
+    assert int(lines[3].split()[1]) < 100  # no gigabyte-sized allocation happened

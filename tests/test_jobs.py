@@ -324,3 +324,24 @@ def test_local_sweep_runs_every_cell_and_reports_per_corrupted_count(tmp_path):
         ("2", "fedavg"), ("2", "fedism"), ("4", "fedavg"), ("4", "fedism")]
     assert all(r["num_values"] == "2" and r["corrupted_set"] == "gaussian_2" for r in rows)
     assert len(list(report_dir.glob("gap_*.png"))) == 2 and len(list(report_dir.glob("weights_*.png"))) == 4
+
+
+def test_a_local_sweep_never_runs_its_paths_as_code_and_checks_its_cells(tmp_path):
+    """sweep.sh quotes every value it holds (an out-root with $(...) and quotes in it is a name, not a command),
+    and refuses a cells.tsv changed since it was written."""
+    out_root = tmp_path / 'odd $(touch PWNED) "name"'
+    cmd = [sys.executable, "-m", "jobs", "sweep", "--config", CONFIG, "--algorithms", "fedavg", "--seeds", "0",
+           "--set", f"data.source={tmp_path / 'no-such-shards'}", "--ranks", "1", "--launcher", "local",
+           "--out-root", str(out_root)]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    script = out_root / "sweep.sh"
+    p = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "bad input (exit 2)" in p.stdout, p.stdout + p.stderr  # the one cell ran, refused
+    assert f"=== hpcfl sweep summary ({out_root}, 1 cells)" in p.stdout
+    assert not list(tmp_path.rglob("PWNED"))
+    cells = out_root / "cells.tsv"
+    cells.write_text(cells.read_text().replace("fedavg", "fedism"))
+    p = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "changed after this script was written" in p.stderr
