@@ -56,7 +56,7 @@ def setup_logging(rank: int, size: int) -> None:
 
 
 def main(argv=None) -> int:
-    from hpcfl.supervise import install_signal_handlers, launcher_rank
+    from hpcfl.supervise import install_signal_handlers, launcher_rank, launcher_size
 
     install_signal_handlers(speaks=launcher_rank() == 0)  # first: a Ctrl-C during the imports is ours too
     args = parse_args(argv)
@@ -65,6 +65,14 @@ def main(argv=None) -> int:
     from hpcfl.errors import UsageError, describe_os_error
 
     comm = world()
+    started = launcher_size()
+    if comm.size == 1 and started is not None and started > 1:
+        # each process sees a world of one: N separate runs would start; refuse rather than run them
+        if launcher_rank() == 0:
+            print(f"hpcfl: error: the launcher started {started} processes but MPI sees each as a world of 1: the "
+                  "launcher and the MPI that mpi4py uses do not match (with srun and the README's MPICH use "
+                  "--mpi=pmi2; docs/cluster.md, \"Which --mpi\")", file=sys.stderr)
+        return 2
     install_signal_handlers(speaks=comm.is_server)
     setup_logging(comm.rank, comm.size)
     log = logging.getLogger("hpcfl")

@@ -35,6 +35,15 @@ _interrupts = 0
 _speaks = True  # whether this process prints the Ctrl-C messages (rank 0 only, so that a job says it once)
 
 
+def launcher_size() -> int | None:
+    """How many processes the launcher started for this job step, as it tells them (None: it does not say).
+    SLURM_STEP_NUM_TASKS is set by srun in a step, not in a batch script running Python itself."""
+    for key in ("SLURM_STEP_NUM_TASKS", "PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
 def launcher_rank() -> int:
     """This process's rank as the launcher tells it, before MPI is initialised (0 when launched alone)."""
     for key in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):

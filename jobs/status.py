@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from hpcfl.runlock import LOCK, REFRESH_S
+from hpcfl.supervise import read_trace
 from jobs.cells import read_cells
 from jobs.scripts import LOCAL_FILE, SBATCH_FILE, _q
+
+
+def traces(run_dir: Path) -> list[dict]:
+    """The ranks' trace files (logs/rank_<r>.where): where each rank was, and how it ended."""
+    found = [read_trace(run_dir / "logs", int(p.stem.split("_")[1]))
+             for p in (run_dir / "logs").glob("rank_*.where") if p.stem.split("_")[1].isdigit()]
+    return [t for t in found if t]
 
 
 def cell_state(run_dir: Path) -> tuple[str, bool]:
@@ -25,6 +35,16 @@ def cell_state(run_dir: Path) -> tuple[str, bool]:
         info = {}
     if info is not None and "finished" in info:
         return "finished", True
+    failures = [t for t in traces(run_dir) if t.get("state") == "failed" and t.get("message")]
+    if failures:
+        return "FAILED: " + min(failures, key=lambda t: t.get("time", 0))["message"], False
+    lock = run_dir / LOCK
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        if time.time() - lock.stat().st_mtime < 2 * REFRESH_S:
+            return f"running (pid {holder.get('pid')} on {holder.get('host')})", False
+    except (OSError, ValueError, AttributeError):
+        pass
     if pointer.is_file():
         try:
             done = json.loads(pointer.read_text(encoding="utf-8"))["round"] + 1

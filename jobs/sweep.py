@@ -236,7 +236,8 @@ def add_sweep_parser(sub) -> None:
                         "requeues itself (default 300; make it longer than one round plus a checkpoint)")
     p.add_argument("--max-parallel", type=int, default=None, metavar="K", help="at most K array tasks at once")
     p.add_argument("--max-requeues", type=int, default=20, help="stop requeueing a task after this many restarts")
-    p.add_argument("--srun-mpi", default="pmix", help="srun --mpi=... (default pmix)")
+    p.add_argument("--srun-mpi", default="pmi2",
+                   help="srun --mpi=... (default pmi2, which the MPICH of the README speaks; docs/cluster.md)")
     p.add_argument("--python", default=sys.executable, help="interpreter of the jobs (default: this one)")
     p.add_argument("--prelude", action="append", default=[], metavar="LINE",
                    help="a shell line run before the launch, e.g. 'module load openmpi' (repeatable)")
