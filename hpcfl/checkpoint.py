@@ -51,11 +51,13 @@ def save_array(path: Path, array: np.ndarray) -> None:
 def load_array(path: Path, size: int | None = None) -> np.ndarray:
     """A finite float32 vector saved by ``save_array`` (never unpickled); ``size``: the length it must have."""
     try:
-        array = np.load(path, allow_pickle=False)
+        header = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: no allocation yet
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint file ({e})") from None
-    if array.dtype != np.float32 or array.ndim != 1 or (size is not None and array.shape[0] != size):
-        raise CheckpointError(f"{path}: {array.dtype} {tuple(array.shape)}, this model needs float32 ({size},)")
+    if header.dtype != np.float32 or header.ndim != 1 or (size is not None and header.shape[0] != size):
+        raise CheckpointError(f"{path}: {header.dtype} {tuple(header.shape)}, this model needs float32 ({size},)")
+    array = np.array(header)
+    del header
     if not np.isfinite(array).all():
         raise CheckpointError(f"{path}: holds non-finite values (NaN or infinity)")
     return array
@@ -107,6 +109,8 @@ def latest(run_dir: Path) -> Path | None:
     directory = run_dir / name
     if not (directory / "state.json").is_file():
         raise CheckpointError(f"{pointer} points to {directory}, which is missing or incomplete")
+    if info.get("round") != int(name.split("-")[1]):
+        raise CheckpointError(f"{pointer}: round {info.get('round')!r} but directory {name}: not one checkpoint")
     return directory
 
 
@@ -127,11 +131,13 @@ def load_state(directory: Path, rounds: int, eval_every: int) -> dict:
     t = state["round"]
     if type(t) is not int or not 0 <= t < rounds:
         raise CheckpointError(f"{path}: round {t!r} is not a round of this run (0..{rounds - 1})")
+    if directory.name != f"checkpoint-{t:06d}":
+        raise CheckpointError(f"{path}: round {t} in directory {directory.name}: not one checkpoint")
     if not isinstance(state["algorithm"], dict):
         raise CheckpointError(f"{path}: algorithm state is {type(state['algorithm']).__name__}, not an object")
     weights = state["prev_weights"]
-    if not (isinstance(weights, list) and weights and all(_finite_number(w) for w in weights)):
-        raise CheckpointError(f"{path}: prev_weights must be a list of finite numbers")
+    if not (isinstance(weights, list) and weights and all(_finite_number(w) and w >= 0 for w in weights)):
+        raise CheckpointError(f"{path}: prev_weights must be a list of finite numbers >= 0")
     lines = state["metrics"]
     expected = [r for r in range(t + 1) if (r + 1) % eval_every == 0 or r == rounds - 1]
     if not (isinstance(lines, list) and all(isinstance(x, dict) for x in lines)) \

@@ -285,7 +285,7 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+            raw = tomllib.loads(p.read_bytes().decode("utf-8-sig"))  # a byte-order mark from an editor is fine
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
         except tomllib.TOMLDecodeError as e:

@@ -39,6 +39,8 @@ def flat_row(line: dict) -> dict:
 
 class RunLog:
     def __init__(self, out_dir: Path, lines: list[dict] | None = None):
+        """``lines``: a resumed run's history from its checkpoint, written back at once (metrics.jsonl may have been
+        damaged, or hold rounds after the checkpoint that the resumed run repeats)."""
         self.out_dir = out_dir
         self.lines: list[dict] = list(lines or [])
         self.tb = None
@@ -48,9 +50,19 @@ class RunLog:
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         except ImportError:  # tensorboard is an optional extra
             pass
+        if self.lines:
+            self._write()
 
     def add(self, line: dict) -> None:
         self.lines.append(line)
+        self._write()
+        if self.tb is not None:
+            for key, value in flat_row(line).items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, line["round"])
+            self.tb.flush()
+
+    def _write(self) -> None:
         write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(x) + "\n" for x in self.lines))
         rows = [flat_row(x) for x in self.lines]
         columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -59,11 +71,6 @@ class RunLog:
         writer.writeheader()
         writer.writerows(rows)
         write_text(self.out_dir / "metrics.csv", buf.getvalue())
-        if self.tb is not None:
-            for key, value in flat_row(line).items():
-                if isinstance(value, float) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, line["round"])
-            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

@@ -42,7 +42,8 @@ from hpcfl.client.trainer import train_client
 from hpcfl.federation import Federation, setup_federation
 from hpcfl.metrics import classification_metrics, client_summary, predict_proba
 from hpcfl.outputs import ServerRecord
-from hpcfl.rundir import COMPLETE, FRESH, RESUME, Opening, finish_run_info, open_run_dir, record_start
+from hpcfl.rundir import (COMPLETE, FRESH, RESUME, Opening, clear_run_dir, finish_run_info, open_run_dir,
+                          record_start)
 from hpcfl.runlock import RunLock
 from hpcfl.seeds import generator, stream_seed
 from hpcfl.supervise import RoundWatchdog, Where, add_rank_log, trace_path
@@ -274,9 +275,10 @@ def checkpoint_or_stop(fed: Federation, s: RoundState, record: ServerRecord | No
     fed.enter("checkpoint")
     cfg, t = fed.cfg, s.t
     last = t == cfg.run.rounds - 1
+    asked = fed.comm.reduce_sum(np.array([float(supervise.stop_requested)]), np.zeros(1))  # on any rank
     plan = np.array([0, 0], dtype=np.int64)
     if fed.is_server:
-        every, stop = cfg.run.checkpoint_every, supervise.stop_requested
+        every, stop = cfg.run.checkpoint_every, bool(asked[0] > 0)
         plan[:] = (last or stop or (every > 0 and (t + 1) % every == 0)), (stop and not last)
     fed.comm.bcast(plan)
     if plan[0]:
@@ -392,14 +394,25 @@ def _run(cfg, comm, out_dir: Path, where: Where, lock: RunLock | None, overwrite
     add_rank_log(out_dir, comm.rank)
     where.trace_to(trace_path(out_dir, comm.rank), comm.rank)
     comm.watch(where)
+    # from here to the end a stuck rank cannot hang the job: setup gets the first round's limit
+    watchdog = RoundWatchdog(cfg.run.round_timeout_s, cfg.run.watchdog_floor_s, comm, where)
+    try:
+        return _rounds(cfg, comm, out_dir, where, opening, mode, watchdog, t_start)
+    finally:
+        watchdog.stop()
+
+
+def _rounds(cfg, comm, out_dir: Path, where: Where, opening: Opening, mode: int, watchdog: RoundWatchdog,
+            t_start: float) -> dict:
     fed = setup_federation(cfg, comm, out_dir, where)
     s, start, lines = start_state(fed, opening if comm.is_server else Opening(mode))
     comm.bcast(s.global_vec)  # w^start: from here on every rank has checked its part of the checkpoint
     record = None
     if comm.is_server:
+        if opening.overwrite:  # only now, with the data and any checkpoint checked, may the old run go
+            clear_run_dir(out_dir)
         record_start(fed, mode, start)
         record = ServerRecord(fed, lines, start)
-    watchdog = RoundWatchdog(cfg.run.round_timeout_s, cfg.run.watchdog_floor_s, comm, where)
 
     for t in range(start, cfg.run.rounds):
         watchdog.new_round()
@@ -411,14 +424,12 @@ def _run(cfg, comm, out_dir: Path, where: Where, lock: RunLock | None, overwrite
         aggregate(fed, s)
         evaluate(fed, s, record, t_start)
         if checkpoint_or_stop(fed, s, record):
-            watchdog.stop()
             if record:
                 record.progress.close()
             where.end("stopped")
             log.info("stopped after round %d at a checkpoint: run the same command again to resume", t + 1)
             return {"stopped": True}
 
-    watchdog.stop()
     where.phase = "finish"
     comm.barrier()
     if record is not None:

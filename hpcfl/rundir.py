@@ -25,7 +25,7 @@ from hpcfl.supervise import previous_run_report
 log = logging.getLogger("hpcfl")
 
 RUN_FILES = ("config.toml", "run.json", "metrics.jsonl", "metrics.csv", "final_model.npy", checkpoint.POINTER)
-RUN_DIRS = ("logs", "tensorboard")
+RUN_DIRS = ("tensorboard",)  # logs/ stays: a new run appends to it
 
 FRESH, RESUME, COMPLETE = 0, 1, 2
 
@@ -41,22 +41,28 @@ class Opening:
     mode: int  # FRESH, RESUME or COMPLETE
     checkpoint: Path | None = None  # the checkpoint to resume from
     state: dict | None = None  # its state.json, checked
+    overwrite: bool = False  # FRESH over an earlier run: clear it once the new run's setup has succeeded
 
 
 def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> Opening:
     """Server, holding the run directory's lock: decide what to do with it.
 
     Same config and a checkpoint: resume. Same config, finished: complete (nothing to do). A different config is
-    refused with the keys that differ (``force`` resumes anyway); ``overwrite`` always starts afresh. Nothing in
-    the directory changes before this returns, except what ``overwrite`` removes."""
+    refused with the keys that differ (``force`` resumes anyway); ``overwrite`` starts afresh, but the earlier
+    run is removed only once the new one's data and model are set up (``clear_run_dir``). Nothing in the
+    directory changes here."""
     stored = out_dir / "config.toml"
-    if overwrite or not stored.is_file():
-        if overwrite:
-            for name in RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
-            for d in [*RUN_DIRS, *(p.name for p in out_dir.glob("checkpoint-*")),
-                      *(p.name for p in out_dir.glob(".checkpoint-*.tmp"))]:
-                shutil.rmtree(out_dir / d, ignore_errors=True)
+    if overwrite:
+        return Opening(FRESH, overwrite=True)
+    report = previous_run_report(out_dir)
+    if report:
+        log.warning("%s: %s", out_dir, report)
+    if not stored.is_file():
+        left = sorted(p.name for p in [*(out_dir / n for n in RUN_FILES), *out_dir.glob("checkpoint-*")]
+                      if p.exists())
+        if left:  # a run whose config.toml went missing: starting afresh would replace it
+            raise UsageError(f"{out_dir} holds a run ({', '.join(left)}) but no config.toml: restore it to resume, "
+                             "or pass --overwrite to start afresh")
         return Opening(FRESH)
     try:
         previous = load(stored)
@@ -69,9 +75,6 @@ def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> Op
     info = read_run_info(out_dir)
     if "finished" in info and not differences:
         return Opening(COMPLETE)
-    report = previous_run_report(out_dir)
-    if report:
-        log.warning("%s: %s", out_dir, report)
     ckpt = checkpoint.latest(out_dir)
     if ckpt is None:
         log.info("%s holds an unfinished run without a checkpoint: starting it again", out_dir)
@@ -83,6 +86,15 @@ def open_run_dir(cfg: Config, out_dir: Path, overwrite: bool, force: bool) -> Op
         raise UsageError(f"{ckpt / 'state.json'} was written under another config than {stored} holds now "
                          "(--force resumes anyway, --overwrite starts afresh)")
     return Opening(RESUME, ckpt, state)
+
+
+def clear_run_dir(out_dir: Path) -> None:
+    """``--overwrite``: remove the earlier run's files and checkpoints (the logs stay, and go on)."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for d in [*RUN_DIRS, *(p.name for p in out_dir.glob("checkpoint-*")),
+              *(p.name for p in out_dir.glob(".checkpoint-*.tmp"))]:
+        shutil.rmtree(out_dir / d, ignore_errors=True)
 
 
 def read_run_info(out_dir: Path) -> dict:

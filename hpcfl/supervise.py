@@ -143,6 +143,17 @@ class Where:
             pass  # a trace is a courtesy: never the reason a run fails
 
 
+def process_state(pid: int) -> str | None:
+    """'stopped' or 'gone' for a process of this host that cannot take part any more; None if it runs."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+    except (OSError, IndexError):
+        return None
+    return {"T": "stopped", "t": "stopped", "Z": "gone", "X": "gone"}.get(state)
+
+
 def trace_path(out_dir: Path, rank: int) -> Path:
     return out_dir / "logs" / f"rank_{rank}.where"
 
@@ -188,11 +199,19 @@ def previous_run_report(out_dir: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- rank log files
 
+class QuietFileHandler(logging.FileHandler):
+    """A rank's log file that cannot be written (a full disk) is not worth a traceback on the console: the write
+    that matters fails on its own, with its one message."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
 def add_rank_log(out_dir: Path, rank: int) -> None:
     """Every rank also logs to ``logs/rank_<r>.log`` in the run directory, the rank in each line."""
     path = out_dir / "logs" / f"rank_{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = QuietFileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     handler.setLevel(logging.INFO)
     log.addHandler(handler)
@@ -249,8 +268,8 @@ class RoundWatchdog:
     stuck)."""
 
     FACTOR = 5.0
-    FIRST_ROUND = 4.0
-    CLIENT_GRACE = 1.25
+    FIRST_ROUND = 4.0  # setup, and the first round of an attempt, may take this many floors
+    CLIENT_GRACE = 1.25  # client rank r waits limit x this + 5 s + 3 s x (r - 1): the server, then rank 1, speaks
 
     def __init__(self, fixed_s: float, floor_s: float, comm, where: Where):
         self.fixed_s, self.floor_s, self.comm, self.where = fixed_s, floor_s, comm, where
@@ -272,10 +291,12 @@ class RoundWatchdog:
         self.round_started = now
 
     def _watch(self) -> None:
-        grace = 1.0 if self.comm.is_server else self.CLIENT_GRACE
+        rank = self.comm.rank
         while not self.done.wait(0.5):
             elapsed = time.monotonic() - self.round_started
-            if elapsed > self.limit() * grace:
+            limit = self.limit() if self.comm.is_server else \
+                self.limit() * self.CLIENT_GRACE + 5.0 + 3.0 * max(0, rank - 1)
+            if elapsed > limit:
                 print(self.message(elapsed), file=sys.stderr, flush=True)
                 to_rank_log(self.message(elapsed))
                 self.where.end("failed", self.message(elapsed))
@@ -287,13 +308,20 @@ class RoundWatchdog:
         how = (f"run.round_timeout_s = {self.fixed_s:g} s" if self.fixed_s > 0 else
                f"{self.limit():.0f} s, adaptive: {self.FACTOR:g} x the slowest round so far, at least "
                f"run.watchdog_floor_s")
-        head = f"hpcfl: rank {rank}: round {w.round} exceeded its time limit ({how}) after {elapsed:.0f} s"
+        part = f"round {w.round}" if w.round is not None else "setup"
+        head = f"hpcfl: rank {rank}: {part} exceeded its time limit ({how}) after {elapsed:.0f} s"
         if not w.waiting:
             return f"{head}: this rank is stuck in {w}; ending the job"
         if self.comm.is_server:
             missing = self.comm.missing_ranks()
+            traces = {r: read_trace(w.trace_dir, r) if hasattr(w, "trace_dir") else None
+                      for r in range(1, self.comm.size)}
+            # ranks on this host whose process is stopped or gone are the culprits, whatever the notes say
+            here = {r: process_state(t["pid"]) for r, t in traces.items()
+                    if t and t.get("host") == socket.gethostname() and isinstance(t.get("pid"), int)}
+            culprits = [(r, f"its process {t['pid']} is {here[r]}") for r, t in traces.items() if here.get(r)]
+            missing = culprits or missing
             if missing:
-                traces = {r: read_trace(w.trace_dir, r) if hasattr(w, "trace_dir") else None for r, _ in missing}
                 seen = "; ".join(f"rank {r}: {note}" + (f"; its trace: {describe_trace(traces[r])}"
                                                           if traces[r] else "") for r, note in missing)
                 return (f"{head}: rank(s) {[r for r, _ in missing]} held up the collective after phase {w.phase} "

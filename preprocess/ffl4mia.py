@@ -52,7 +52,7 @@ class UnsafePickleError(PartitionFileError):
     """A partition file's pickle references a global outside the allowed set."""
 
 
-MAX_ELEMENTS = 10 ** 8  # far above any partition (the largest official one indexes ~20,000 rows)
+MAX_ELEMENTS = 10 ** 7  # row indices in all: far above any partition (the largest official one has ~20,000)
 
 
 class _PendingArray:
@@ -109,16 +109,18 @@ def _dtype(name, align=False, copy=True):
     return np.dtype(name, align, copy)
 
 
-def _resolve(obj):
-    """The loaded structure with every ``_PendingArray`` replaced by its array."""
+def _resolve(obj, depth: int = 0):
+    """A partition's structure (np.save's wrapper, a dict, its per-client arrays) with each ``_PendingArray``
+    replaced by its array. Nothing is copied and lists are not entered: pickle's memo lets a tiny file name the
+    same list a million times, and copying it would be the allocation the file asks for."""
     if isinstance(obj, _PendingArray):
         if obj.array is None:
             raise pickle.UnpicklingError("an array without its data")
-        return _resolve(obj.array.item()) if obj.array.dtype == object else obj.array
-    if isinstance(obj, dict):
-        return {_resolve(k): _resolve(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_resolve(v) for v in obj]
+        if obj.array.dtype == object:
+            return _resolve(obj.array.item(), depth + 1) if depth == 0 else obj.array
+        return obj.array
+    if isinstance(obj, dict) and depth <= 1:
+        return {k: _resolve(v, 2) for k, v in obj.items()}
     return obj
 
 
@@ -246,6 +248,9 @@ def load_partition_file(path: str | Path) -> dict[int, np.ndarray]:
     if not isinstance(obj, dict):
         raise PartitionFileError(f"{source}: expected a dict of clients, got {type(obj).__name__}")
 
+    total = sum(len(v) if isinstance(v, (list, tuple, set, np.ndarray)) else 1 for v in obj.values())
+    if total > MAX_ELEMENTS:
+        raise PartitionFileError(f"{source}: holds {total} row indices; no partition is that large")
     parts: dict[int, np.ndarray] = {}
     for key, value in obj.items():
         if not _is_int(key) or int(key) < 0:

@@ -365,6 +365,41 @@ def _run_json_garbage(c):
     return sets(*c.base())
 
 
+def _no_config_toml(c):
+    c.copy_run(finished=False)
+    (c.out / "config.toml").unlink()
+    return sets(*c.base(), "train.lr=0.01")
+
+
+def _overwrite_with_missing_data(c):
+    c.copy_run()
+    return [*sets(*c.base(), f"data.source={c.tmp / 'no-such-shards'}"), "--overwrite"]
+
+
+def _pointer_round_mismatch(c):
+    c.copy_run(finished=False)
+    pointer = json.loads((c.out / "checkpoint.json").read_text())
+    (c.out / "checkpoint.json").write_text(json.dumps({**pointer, "round": pointer["round"] - 1}))
+    return sets(*c.base())
+
+
+def _global_huge_header(c):
+    c.copy_run(finished=False)
+    path = c.checkpoint_dir() / "global.npy"
+    with open(path, "wb") as f:  # a header that claims 4 TB, over a few bytes
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12,)})
+        f.write(b"\0" * 64)
+    return sets(*c.base())
+
+
+def _symlink_out(c):
+    d = c.shards()
+    elsewhere = c.tmp / "elsewhere.h5"
+    (d / client_file(1)).rename(elsewhere)
+    (d / client_file(1)).symlink_to(elsewhere)
+    return c.data_args(d)
+
+
 def _config_not_utf8(c):
     path = c.tmp / "latin1.toml"
     path.write_bytes('[run]\nout = "runs/\xe9t\xe9"\n'.encode("latin-1"))
@@ -441,6 +476,14 @@ CASES = [
          "test_sets[0].name 'a/b' must be a plain name"),
     Case("manifest_not_an_object", "data", _manifest_edit(lambda m: (m.clear(), m.update(schema=1, x=[]))),
          "lacks 'num_classes'"),
+    Case("manifest_class_counts_wrong", "data",
+         _manifest_edit(lambda m: m["clients"][2].update(class_counts=[6, 0, 0])),
+         "client_002.h5: class counts [2, 2, 2], the manifest says [6, 0, 0]"),
+    Case("manifest_without_test_sets", "data", _manifest_edit(lambda m: m.update(test_sets=[])), "lists no test sets"),
+    Case("manifest_two_clients_one_file", "data",
+         _manifest_edit(lambda m: m["clients"][1].update(m["clients"][0])), "client_000.h5 listed more than once"),
+    Case("shard_is_a_link_out_of_the_directory", "data", _symlink_out,
+         "client_001.h5: leads outside the shard directory"),
     # resume / checkpoint
     Case("resume_with_changed_config", "resume", _changed_config, "different config (train.lr: 0.002 -> 0.001)"),
     Case("checkpoint_pointer_garbage", "resume", _pointer_garbage, "checkpoint.json: not an hpcfl checkpoint pointer"),
@@ -457,7 +500,7 @@ CASES = [
     Case("state_weights_wrong_length", "resume", _edit_state(lambda st: st.update(prev_weights=[0.5, 0.5])),
          "state.json: 2 prev_weights for 20 clients"),
     Case("state_weights_not_numbers", "resume", _edit_state(lambda st: st["prev_weights"].__setitem__(3, "x")),
-         "state.json: prev_weights must be a list of finite numbers"),
+         "state.json: prev_weights must be a list of finite numbers >= 0"),
     Case("state_metrics_not_a_list", "resume", _edit_state(lambda st: st.update(metrics={"round": 0})),
          "state.json: metrics must hold the lines of rounds [0, 1, 2]"),
     Case("state_metrics_lost_rounds", "resume", _edit_state(lambda st: st.update(metrics=st["metrics"][-1:])),
@@ -468,6 +511,14 @@ CASES = [
          "algorithm state: keys ['prev'], expected []"),
     Case("global_model_not_finite", "resume", _global_nonfinite, "global.npy: holds non-finite values"),
     Case("run_json_garbage", "resume", _run_json_garbage, "run.json: unreadable"),
+    Case("state_weights_negative", "resume", _edit_state(lambda st: st["prev_weights"].__setitem__(0, -0.5)),
+         "state.json: prev_weights must be a list of finite numbers >= 0"),
+    Case("pointer_round_differs", "resume", _pointer_round_mismatch, "checkpoint.json: round 1 but directory "
+         "checkpoint-000002"),
+    Case("checkpoint_global_huge_header", "resume", _global_huge_header, "global.npy: unreadable checkpoint file"),
+    Case("run_without_config_toml", "resume", _no_config_toml, "but no config.toml: restore it to resume, or pass "
+         "--overwrite"),
+    Case("overwrite_with_missing_data", "resume", _overwrite_with_missing_data, "shard directory not found"),
     # text
     Case("config_not_utf8", "config", _config_not_utf8, "latin1.toml: not UTF-8 text"),
     Case("out_path_not_utf8", "config", _out_not_utf8, "holds bytes that are not UTF-8"),

@@ -107,3 +107,9 @@ def test_reference_config_holds_the_papers_training_settings():
     cfg = config.load(REPO / "configs" / "reference.toml")
     assert (cfg.model.name, cfg.train.lr, cfg.train.batch_size, cfg.run.rounds) == ("resnet18", 3e-4, 32, 300)
     assert (cfg.benchmark.severity, cfg.benchmark.test_severities) == (3, [3])
+
+
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[run]\nrounds = 7\n")
+    assert config.load(path).run.rounds == 7

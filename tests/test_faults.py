@@ -89,18 +89,71 @@ def test_a_stopped_rank_is_named_by_the_default_watchdog(tmp_path, data_cache):
         os.kill(pid, signal.SIGSTOP)
         code, out, err = finish(proc, timeout=90)
     finally:
-        if pid:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+        _release(pid)
     assert code not in (0, 3)
     no_traceback(err)
     said = hpcfl_lines(err, "exceeded its time limit")
     assert len(said) == 1 and said[0].startswith("hpcfl: rank 0: round "), err[-3000:]
     assert "rank(s) [2] held up the collective" in said[0], said[0]
     assert checkpointed(run) >= 1 and not (run / "final_model.npy").exists()
+
+
+def test_a_rank_stopped_during_setup_or_a_stopped_server_is_named_once(tmp_path):
+    """Setup is watched too (the first round's limit): a client stopped while the server builds the benchmark is
+    named; when the server itself is stopped, one client rank says so, once."""
+    run, cache = tmp_path / "run", tmp_path / "fresh-cache"  # a fresh cache: setup builds the benchmark
+    proc = start(3, ["--out", str(run), *sets(*TINY, f"data.cache_dir={cache}", "benchmark.num_train=3000",
+                                               "benchmark.image_size=32", "run.watchdog_floor_s=3")])
+    pid = None
+    try:
+        wait_for(lambda: trace(run, 2).get("phase") == "data", what="rank 2 in setup")
+        pid = trace(run, 2)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        code, _, err = finish(proc, timeout=90)
+    finally:
+        _release(pid)
+    no_traceback(err)
+    said = hpcfl_lines(err, "exceeded its time limit")
+    assert code not in (0, 3) and len(said) == 1, err[-3000:]
+    assert said[0].startswith("hpcfl: rank 0: setup exceeded") and "rank(s) [2]" in said[0], said[0]
+
+    run = tmp_path / "run2"
+    proc = start(3, ["--out", str(run), *sets(*TINY, f"data.cache_dir={cache}", "benchmark.num_train=3000",
+                                               "benchmark.image_size=32", "run.rounds=40", "run.watchdog_floor_s=3")])
+    pid = None
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2, what="two rounds")
+        pid = trace(run, 0)["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        code, _, err = finish(proc, timeout=120)
+    finally:
+        _release(pid)
+    said = hpcfl_lines(err, "exceeded its time limit")
+    assert code not in (0, 3) and len(said) == 1, err[-3000:]
+    assert said[0].startswith("hpcfl: rank 1: round") and "likely rank 0 that is stuck" in said[0], said[0]
+
+
+def _release(pid: int | None) -> None:
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_stop_signal_that_reaches_one_client_rank_stops_the_job(tmp_path, data_cache):
+    """SIGTERM to one client rank only (a node of a multi-node job pre-empted): the whole job checkpoints and
+    exits 3, and the same command resumes."""
+    run = tmp_path / "run"
+    args = ["--out", str(run), *sets(*TINY, f"data.cache_dir={data_cache}", "run.rounds=30",
+                                      "run.checkpoint_every=100")]
+    proc = start(3, args)
+    wait_for(lambda: (run / "metrics.jsonl").is_file(), what="the first round")
+    os.kill(trace(run, 2)["pid"], signal.SIGTERM)
+    code, _, err = finish(proc)
+    no_traceback(err)
+    assert code == 3 and 0 <= checkpointed(run) < 29, err[-3000:]
 
 
 def test_a_killed_rank_is_named_the_next_time_and_the_run_resumes(tmp_path, data_cache):
@@ -120,7 +173,7 @@ def test_a_killed_rank_is_named_the_next_time_and_the_run_resumes(tmp_path, data
     no_traceback(p.stderr)
     report = [line for line in (p.stdout + p.stderr).splitlines() if "the previous attempt ended without a word" in line]
     assert len(report) == 1, p.stdout[-3000:]
-    assert f"rank 2 " in report[0] and f"(pid {victim} on {socket.gethostname()})" in report[0], report[0]
+    assert "rank 2 " in report[0] and f"(pid {victim} on {socket.gethostname()})" in report[0], report[0]
     assert "took over the lock of a run that is gone" in p.stdout
     assert [m["round"] for m in read_metrics(run)] == list(range(8))
 
@@ -229,6 +282,12 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, data_cache):
         assert not (run / "checkpoint.json").exists() and not list(run.glob("checkpoint-*"))
         assert len(read_metrics(run)) == 1  # the round before the failed checkpoint is on record
     make_rsna_folder(tmp_path / "rsna", per_class=4)
+    with mounted(tmp_path / "tiny", "size=16k") as ok:  # so small that even the rank logs cannot be written
+        if ok:
+            p = launch(1, ["--out", str(tmp_path / "tiny" / "run"), *args[2:]], timeout=120)
+            no_traceback(p.stderr)
+            assert p.returncode == 2 and "--- Logging error ---" not in p.stderr, p.stderr[-2000:]
+            assert len(hpcfl_lines(p.stderr, "hpcfl: error")) == 1, p.stderr
     for cmd in (["-m", "preprocess.synthetic", str(tmp_path / "synthetic")],
                 ["-m", "preprocess.ich", str(tmp_path / "rsna"), str(tmp_path / "ich"), "--size", "64",
                  "--clients", "3", "--corrupted", "1", "--workers", "1"]):
@@ -265,6 +324,21 @@ def test_two_runs_never_share_a_run_directory(tmp_path, data_cache):
     code, _, err = finish(first)
     assert code == 0, err[-2000:]
     assert not (other / "run.lock").exists()
+
+
+def test_a_resumed_run_writes_its_metrics_history_back(tmp_path, data_cache):
+    """A damaged metrics.jsonl in an unfinished run: the resumed run writes back the history its checkpoint kept."""
+    run = tmp_path / "run"
+    args = ["--out", str(run), *sets(*TINY, f"data.cache_dir={data_cache}", "run.checkpoint_every=1")]
+    assert launch(1, args).returncode == 0
+    history = read_metrics(run)
+    info = json.loads((run / "run.json").read_text())
+    del info["finished"]
+    (run / "run.json").write_text(json.dumps(info))
+    (run / "metrics.jsonl").write_text("garbage\n")
+    p = launch(1, args)
+    assert p.returncode == 0 and "resuming" in p.stdout, p.stderr[-2000:]
+    assert read_metrics(run) == history
 
 
 def test_a_run_directory_with_a_non_ascii_name_resumes(tmp_path, data_cache):

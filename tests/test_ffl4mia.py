@@ -295,3 +295,44 @@ print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) //
     assert "unexpected dtype 'f8'" in lines[0] or "not a partition" in lines[0]
     assert "is not a partition" in lines[1] and "is not a partition" in lines[2]
     assert int(lines[3].split()[1]) < 100  # no gigabyte-sized allocation happened
+
+
+def test_shared_lists_cannot_amplify_a_small_file(tmp_path):
+    """Pickle's memo lets a tiny file name one list many times (a list of a thousand lists of a thousand lists of a
+    thousand zeros is 10 kB): such a file is refused at once, without building what it describes."""
+    import subprocess
+    import sys
+
+    script = r'''
+import pickle, resource, sys, time
+import numpy as np
+from numpy.lib import format as npformat
+from preprocess.ffl4mia import PartitionFileError, load_partition_file
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+zeros = [0] * 1000
+nested = [[zeros] * 1000] * 1000
+shared = list(range(1_000_000))
+for i, content in enumerate([{0: nested}, {k: shared for k in range(100)}]):
+    outer = np.empty((), dtype=object)
+    outer[()] = content
+    path = sys.argv[1] + f"/amplify{i}.npy"
+    with open(path, "wb") as f:
+        npformat.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+        pickle.dump(outer, f, protocol=3)
+    del outer
+    t0 = time.time()
+    try:
+        load_partition_file(path)
+        print("LOADED", i)
+    except PartitionFileError as e:
+        print(f"{time.time() - t0:.1f}", "refused:", e)
+del nested, shared, zeros
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) // 1024)
+'''
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert "row indices must be ints" in lines[0] and float(lines[0].split()[0]) < 2, p.stdout
+    assert "holds 100000000 row indices; no partition is that large" in lines[1], p.stdout
+    assert float(lines[1].split()[0]) < 5, p.stdout

@@ -210,7 +210,8 @@ def test_corrupted_clients_from_run_json_else_manifest(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     Manifest(2, ["a", "b"], (8, 8, 1), [ShardEntry("client_000.h5", 4), ShardEntry("client_001.h5", 4, {
-        "kind": "gaussian", "severity": 3}), ShardEntry("client_002.h5", 4)], []).write(data)
+        "kind": "gaussian", "severity": 3}), ShardEntry("client_002.h5", 4)],
+             [ShardEntry("test_clean.h5", 4, name="clean")]).write(data)
     with_list = make_run(tmp_path, "a", info={"corrupted_clients": [0, 2]})
     without = make_run(tmp_path, "b", info={"data_dir": str(data)})
     json_info = json.loads((without / "run.json").read_text())

@@ -57,7 +57,8 @@ def test_the_streaming_writer_keeps_what_was_appended(tmp_path):
 
 
 def _manifest(tmp_path, sha, n=5):
-    Manifest(3, ["a", "b", "c"], (4, 4, 1), [ShardEntry("client_000.h5", n, None, sha)], []).write(tmp_path)
+    Manifest(3, ["a", "b", "c"], (4, 4, 1), [ShardEntry("client_000.h5", n, None, sha)],
+             [ShardEntry("test_clean.h5", 0, name="clean")]).write(tmp_path)
     return Manifest.load(tmp_path)
 
 
@@ -75,7 +76,7 @@ def test_manifest_checks_name_the_problem(tmp_path):
     _, _, sha = _write(tmp_path)
     m = _manifest(tmp_path, sha)
     assert read_checked(tmp_path, m.clients[0], m).labels.shape == (5,)
-    two = Manifest(2, ["a", "b"], (4, 4, 1), m.clients, [])
+    two = Manifest(2, ["a", "b"], (4, 4, 1), m.clients, m.test_sets)
     with pytest.raises(ShardError, match="labels outside 0..1"):
         read_checked(tmp_path, m.clients[0], two)
     with pytest.raises(ShardError, match="5 images, the manifest says 6"):

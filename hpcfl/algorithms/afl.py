@@ -22,6 +22,7 @@ from hpcfl.options import option
 class AFL(Algorithm):
     variants = ("as_coded", "minimax")
     order = 1
+    weight_state = ("lam",)
 
     @dataclass
     class Options(AlgorithmOptions):

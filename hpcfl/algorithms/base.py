@@ -73,6 +73,7 @@ class Algorithm:
     keeps_local_model: bool = False
     consensus_stats: tuple[str, ...] = ()
     order: int = 100  # place in listings and report tables (the paper's order; new methods come last)
+    weight_state: tuple[str, ...] = ()  # state keys that hold aggregation weights (checked to be >= 0)
     Options = AlgorithmOptions
 
     def __init__(self, opts: AlgorithmOptions, rounds: int, lr: float):
@@ -133,6 +134,8 @@ class Algorithm:
                 if not (isinstance(row, list) and len(row) == num_clients
                         and all(type(x) in (int, float) and np.isfinite(x) for x in row)):
                     raise ValueError(f"{key!r} must hold {num_clients} finite numbers per row")
+                if key in self.weight_state and (min(row) < 0 or sum(row) <= 0):
+                    raise ValueError(f"{key!r} holds weights: non-negative, not all zero")
 
 
 _REGISTRY: dict[str, type[Algorithm]] = {}

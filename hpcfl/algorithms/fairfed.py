@@ -32,6 +32,7 @@ def fairfed_step(prev: np.ndarray, acc: np.ndarray, sizes: np.ndarray, beta: flo
 class FairFed(Algorithm):
     variants = ("as_coded", "corrected")
     order = 3
+    weight_state = ("prev",)
 
     @dataclass
     class Options(AlgorithmOptions):

@@ -32,6 +32,7 @@ def fedga_step(prev: np.ndarray, gap: np.ndarray, step: float) -> np.ndarray:
 class FedGA(Algorithm):
     keeps_local_model = True
     order = 5
+    weight_state = ("prev",)
 
     @dataclass
     class Options(AlgorithmOptions):

@@ -27,6 +27,7 @@ def sharpness_weights(sharpness: np.ndarray, q: float) -> np.ndarray:
 class FedISM(Algorithm):
     default_local_optimizer = "gsam"
     order = 6
+    weight_state = ("prev",)
 
     @dataclass
     class Options(AlgorithmOptions):

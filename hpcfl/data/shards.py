@@ -237,9 +237,16 @@ class Manifest:
             raise ShardError(f"{path}: lists no clients")
         clients = [_entry(e, path, f"clients[{i}]", num_classes) for i, e in enumerate(raw["clients"])]
         tests = [_entry(e, path, f"test_sets[{i}]", num_classes, test_set=True) for i, e in enumerate(raw["test_sets"])]
+        if not tests:
+            raise ShardError(f"{path}: lists no test sets (hpcfl evaluates every run on them)")
         names_seen = [t.name for t in tests]
         if len(set(names_seen)) != len(names_seen):
             raise ShardError(f"{path}: test set names repeat ({', '.join(names_seen)})")
+        files = [e.file for e in [*clients, *tests]]
+        repeated = sorted({f for f in files if files.count(f) > 1})
+        if repeated:
+            raise ShardError(f"{path}: {', '.join(repeated)} listed more than once (each shard holds one client or "
+                             "one test set)")
         known = {"schema", "dataset", "num_classes", "class_names", "image_shape", "clients", "test_sets", "made_by"}
         return cls(num_classes, names, tuple(shape), clients, tests, str(raw.get("dataset", "")),
                    raw.get("made_by") if isinstance(raw.get("made_by"), dict) else {},
@@ -277,9 +284,7 @@ def check_directory(directory: str | Path, manifest: Manifest) -> None:
     uint8 images of the manifest's shape, integer labels in range and ids as the manifest says. Run once, by the
     server, before any rank trains (the checksums are checked by the rank that reads each shard)."""
     for entry in [*manifest.clients, *manifest.test_sets]:
-        path = Path(directory) / entry.file
-        if not path.is_file():
-            raise ShardError(f"{path}: listed in the manifest but missing")
+        path = shard_path(directory, entry)
         try:
             with h5py.File(path, "r") as f:
                 images, labels, ids = f["images"], f["labels"][...], f["ids"]
@@ -296,6 +301,20 @@ def check_directory(directory: str | Path, manifest: Manifest) -> None:
                              f"{list(manifest.image_shape)}")
         if len(labels) and (labels.min() < 0 or labels.max() >= manifest.num_classes):
             raise ShardError(f"{path}: labels outside 0..{manifest.num_classes - 1}")
+        counts = np.bincount(labels, minlength=manifest.num_classes).tolist()
+        if entry.class_counts is not None and entry.class_counts != counts:
+            raise ShardError(f"{path}: class counts {counts}, the manifest says {entry.class_counts}")
+
+
+def shard_path(directory: str | Path, entry: ShardEntry) -> Path:
+    """The file an entry names, which must exist inside the directory (a symbolic link may not lead out of it)."""
+    directory = Path(directory)
+    path = directory / entry.file
+    if not path.is_file():
+        raise ShardError(f"{path}: listed in the manifest but missing")
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ShardError(f"{path}: leads outside the shard directory (to {path.resolve()})")
+    return path
 
 
 def _check_labels(path: Path, labels: np.ndarray, n_images: int, n_ids: int) -> None:
@@ -309,9 +328,7 @@ def _check_labels(path: Path, labels: np.ndarray, n_images: int, n_ids: int) -> 
 def read_checked(directory: str | Path, entry: ShardEntry, manifest: Manifest) -> Shard:
     """Read the shard a manifest entry names and check it against the entry and the manifest: checksum, number
     of images, labels in 0..num_classes-1, image shape."""
-    path = Path(directory) / entry.file
-    if not path.is_file():
-        raise ShardError(f"{path}: listed in the manifest but missing")
+    path = shard_path(directory, entry)
     if entry.sha256 is not None and sha256_of(path) != entry.sha256:
         raise ShardError(f"{path}: sha256 differs from the manifest (file changed or truncated)")
     shard = read_shard(path)

@@ -63,7 +63,9 @@ while IFS=$'\t' read -r index run_dir args <&3; do
     rc=$?
     pid=""
     case "$rc" in
-        0) what="done" ;;
+        # a launcher can exit 0 for a job it ended (MPICH's mpiexec on a third Ctrl-C): run.json says if it is done
+        0) if grep -q '"finished"' "$run_dir/run.json" 2>/dev/null; then what="done"
+           else what="ended unfinished (exit 0)"; failed=1; fi ;;
         3) what="stopped at a checkpoint"; stopped=1 ;;
         2) what="bad input (exit 2)"; failed=1 ;;
         *) if [ "$rc" -gt 128 ]; then what="killed (exit $rc)"; else what="FAILED (exit $rc)"; fi; failed=1 ;;
