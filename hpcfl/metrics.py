@@ -69,7 +69,7 @@ def client_summary(values: np.ndarray, corrupted: list[int]) -> dict[str, float]
     }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_proba(model: torch.nn.Module, images: torch.Tensor, transform, batch_size: int) -> np.ndarray:
     """Softmax probabilities of ``model`` (eval mode) over uint8 images [n, H, W, C]."""
     model.eval()

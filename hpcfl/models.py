@@ -20,6 +20,17 @@ def _norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"model.cnn_norm: unknown normalisation {kind!r} (known: group, batch)")
 
 
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)``, computed in channels_last: the same values and the same gradients, in about half the
+    time on the CPU (PyTorch's max pooling of contiguous NCHW tensors is its slowest kernel in this model: a third
+    of a training step at 32 px). The output comes back in the input's memory format."""
+
+    def forward(self, x):
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return nn.functional.max_pool2d(x, 2)
+        return nn.functional.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2).contiguous()
+
+
 class SmallCNN(nn.Module):
     """Three conv-norm-ReLU-pool blocks (width, 2·width, 4·width channels), global average pool, linear head.
 
@@ -35,7 +46,7 @@ class SmallCNN(nn.Module):
         for k in range(3):
             w = width * 2 ** k
             layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), _norm_layer(norm, w), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+                       MaxPool2x2()]
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, num_classes)

@@ -70,14 +70,14 @@ def _batches(ctx: StatsContext):
         yield x, ctx.data.labels[a:a + ctx.batch_size].to(x.device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def mean_loss(ctx: StatsContext) -> float:
     ctx.model.eval()
     total = sum(float(F.cross_entropy(ctx.model(x), y, reduction="sum")) for x, y in _batches(ctx))
     return total / ctx.data.n
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def balanced_accuracy(ctx: StatsContext) -> float:
     ctx.model.eval()
     preds, labels = [], []

@@ -31,10 +31,13 @@ class ClientData:
 
 
 def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+    """The base optimizer, with PyTorch's multi-tensor ("foreach") kernels, which it uses by default on GPUs only:
+    on the CPU too they give the same numbers as the per-tensor loop, faster."""
     if train_cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train_cfg.lr, betas=(0.9, 0.999), weight_decay=train_cfg.weight_decay)
+        return torch.optim.Adam(params, lr=train_cfg.lr, betas=(0.9, 0.999), weight_decay=train_cfg.weight_decay,
+                                foreach=True)
     return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                           weight_decay=train_cfg.weight_decay)
+                           weight_decay=train_cfg.weight_decay, foreach=True)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator):

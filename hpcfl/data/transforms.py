@@ -83,5 +83,7 @@ class BatchTransform:
             if x.shape[1] != 1:
                 raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {self.channels}-channel model")
             x = x.expand(-1, self.channels, -1, -1)
-        out = torch.addcmul(self.shift, x, self.scale)  # one pass writes the (expanded) output
-        return out.contiguous(memory_format=self.memory_format)
+        # one pass writes the (expanded) output, in the memory format asked for: with one channel both formats are
+        # "contiguous", and the strides the input happened to have would decide how the model computes
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=self.memory_format)
+        return torch.addcmul(self.shift, x, self.scale, out=out)
