@@ -6,8 +6,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                             roc_auc_score)
 
 GAP_METRICS = ("bacc", "auc", "acc", "f1")
 
@@ -26,6 +24,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
 
 
 def _metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
+    # imported here: scikit-learn costs half a second of start-up, and only ranks that evaluate need it
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                                 roc_auc_score)
+
     pred = probs.argmax(axis=1)
     labels = np.arange(probs.shape[1])
     out = {

@@ -51,6 +51,7 @@ from hpcfl.supervise import RoundWatchdog, Where, add_rank_log, trace_path
 log = logging.getLogger("hpcfl")
 
 TRAINING_COLUMNS = ("train_loss", "steps", "max_abs", "update_sq_norm", "compute_s")
+STARTUP: dict[str, float] = {}  # this process's start-up, in seconds since it started (benchmarks/launch.py)
 
 
 class ClientTable:
@@ -407,6 +408,7 @@ def _rounds(cfg, comm, out_dir: Path, where: Where, opening: Opening, mode: int,
     fed = setup_federation(cfg, comm, out_dir, where)
     s, start, lines = start_state(fed, opening if comm.is_server else Opening(mode))
     comm.bcast(s.global_vec)  # w^start: from here on every rank has checked its part of the checkpoint
+    STARTUP["ready_s"] = supervise.process_age()
     record = None
     if comm.is_server:
         if opening.overwrite:  # only now, with the data and any checkpoint checked, may the old run go
@@ -423,6 +425,10 @@ def _rounds(cfg, comm, out_dir: Path, where: Where, opening: Opening, mode: int,
         decide_weights(fed, s)
         aggregate(fed, s)
         evaluate(fed, s, record, t_start)
+        if "first_round_s" not in STARTUP:
+            STARTUP["first_round_s"] = supervise.process_age()
+            log.info("start-up: imports done %.2f s, ready to train %.2f s, first round done %.2f s after the process "
+                     "started", STARTUP.get("imports_s", float("nan")), STARTUP["ready_s"], STARTUP["first_round_s"])
         if checkpoint_or_stop(fed, s, record):
             if record:
                 record.progress.close()

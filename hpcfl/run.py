@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     from hpcfl.errors import UsageError, describe_os_error
 
     comm = world()
+    from hpcfl import protocol  # torch and the rest: most of a rank's start-up
+    from hpcfl.supervise import Where, process_age, to_rank_log
+
+    protocol.STARTUP["imports_s"] = process_age()
     started = launcher_size()
     if comm.size == 1 and started is not None and started > 1:
         # each process sees a world of one: N separate runs would start; refuse rather than run them
@@ -90,9 +94,6 @@ def main(argv=None) -> int:
             print(f"hpcfl: error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(cfg.run.out)
-
-    from hpcfl import protocol
-    from hpcfl.supervise import Where, to_rank_log
 
     where = Where()
     try:
