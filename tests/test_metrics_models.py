@@ -82,3 +82,49 @@ def test_small_cnn_normalisation_is_chosen_by_cnn_norm():
     assert group(torch.zeros(2, 1, 32, 32)).shape == (2, 5)
     with pytest.raises(ValueError, match="cnn_norm"):
         build_model("cnn", 5, 1, cnn_norm="layer")
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 16, 16), (3, 5, 7, 9), (2, 1, 6, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_max_pooling_is_max_pool_2d_bit_for_bit(shape, channels_last):
+    """MaxPool2x2 (hpcfl/models.py) gives nn.MaxPool2d(2)'s values and gradients, odd sizes included, on ReLU
+    outputs (whose ties at zero must not move a gradient)."""
+    from hpcfl.models import MaxPool2x2
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(shape))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = torch.nn.MaxPool2d(2)(a), MaxPool2x2()(b)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+    assert yb.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_multi_tensor_optimizer_steps_equal_the_per_tensor_loop(optimizer):
+    """make_optimizer uses PyTorch's foreach kernels: the same numbers as the per-tensor loop, step after step."""
+    from hpcfl.client.trainer import make_optimizer
+    from hpcfl.config import TrainConfig
+
+    cfg = TrainConfig(optimizer=optimizer)
+    models = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = build_model("cnn", 5, 1, 8)
+        opt = make_optimizer(model.parameters(), cfg)
+        if not foreach:  # the same optimizer, with the per-tensor loop
+            opt = type(opt)(model.parameters(), **{**opt.defaults, "foreach": False})
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randn(8, 1, 16, 16, generator=gen)
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
