@@ -51,14 +51,20 @@ def global_grad_norm(params) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def perturbed(params, directions, scale: float):
+def perturbed(params, directions, scale: float | torch.Tensor):
     """Within the block, w = w + scale·d for each parameter w and its direction d; on leaving, w is restored from
     an exact copy (subtracting the step again would drift by rounding). Serves local SAM/GSAM and the sharpness
-    measurement alike; each computes its own scale ρ/‖g‖."""
+    measurement alike; each computes its own scale ρ/‖g‖.
+
+    ``scale`` may be a 0-d tensor: on a GPU it then stays there (reading it into Python would make the host wait
+    for the first backward pass every step); on the CPU it is read, for PyTorch's fused add."""
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p, d in zip(params, directions):
-            p.add_(d, alpha=scale)
+        if isinstance(scale, torch.Tensor) and scale.device.type != "cpu":
+            torch._foreach_add_(params, torch._foreach_mul(directions, scale))
+        else:
+            for p, d in zip(params, directions):
+                p.add_(d, alpha=float(scale))
     try:
         yield
     finally:
@@ -80,7 +86,7 @@ def sam_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, rho: f
     g = [p.grad.detach().clone() for p in params]
     g_norm = global_grad_norm(params)
     scale = rho / (g_norm + _EPS)
-    with perturbed(params, g, float(scale)):
+    with perturbed(params, g, scale):
         optimizer.zero_grad(set_to_none=True)
         with FrozenBNStats(model):
             loss_fn(model).backward()

@@ -40,10 +40,14 @@ def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
                            weight_decay=train_cfg.weight_decay, foreach=True)
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator):
+def batches(n: int, batch_size: int, generator: torch.Generator, device=None):
     """Shuffled index batches covering all n samples. A trailing batch of one sample is merged into the one
-    before it: BatchNorm cannot normalise a single sample whose feature maps are 1x1 (ResNet-18 at 32 px)."""
+    before it: BatchNorm cannot normalise a single sample whose feature maps are 1x1 (ResNet-18 at 32 px).
+    The permutation is drawn on the CPU (the client's stream) and, for data on a GPU, moved there once per epoch:
+    a CPU index per batch would be one more host-to-device copy, and wait, per step."""
     perm = torch.randperm(n, generator=generator)
+    if device is not None and torch.device(device).type != "cpu":
+        perm = perm.to(device)
     bounds = list(range(0, n, batch_size)) + [n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
@@ -74,7 +78,7 @@ def train_client(model: torch.nn.Module, data: ClientData, train_cfg, transform:
 
     losses = []
     for _ in range(train_cfg.local_epochs):
-        for idx in batches(data.n, train_cfg.batch_size, generator):
+        for idx in batches(data.n, train_cfg.batch_size, generator, data.images.device):
             x = transform(data.images[idx], generator if train_cfg.augment else None)
             loss_fn = loss_on(x, data.labels[idx].to(device))
             if local_optimizer == "plain":
