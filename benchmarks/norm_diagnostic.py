@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 
 from hpcfl.data.transforms import BatchTransform
-from hpcfl.models import SmallCNN
+from hpcfl.models.nets import SmallCNN
 from hpcfl.data.corrupt import corrupt
 from hpcfl.data.render import render_images
 from hpcfl.data.builtin import TEST_INDEX_OFFSET, sorted_labels

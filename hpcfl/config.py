@@ -25,6 +25,7 @@ else:  # pragma: no cover
 
 from hpcfl.algorithms import AlgorithmOptions, algorithm_class, available, options_of
 from hpcfl.data.corrupt import KINDS as CORRUPTION_KINDS
+from hpcfl.models import MODEL_NAMES
 from hpcfl.options import ConfigError, check_value, default_of, option, same_declaration
 
 
@@ -80,12 +81,28 @@ class BenchmarkConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("cnn", choices=("cnn", "resnet18", "densenet121", "efficientnet_b0"),
-                    doc="small CNN for CPU runs, or a torchvision backbone with a new head")
-    width: int = option(16, lo=1, doc="channels of the small CNN's first block (doubles per block)")
+    name: str = option("cnn", choices=MODEL_NAMES,
+                       doc="cnn: the small CNN; resnet8: a narrow BatchNorm ResNet (CPU runs, 32-64 px); or a "
+                           "torchvision backbone with a new head")
+    width: int = option(16, lo=1, doc="channels of cnn's and resnet8's first block (doubles per block)")
     cnn_norm: str = option("group", choices=("group", "batch"),
-                         doc="normalisation layers of the small CNN (torchvision backbones keep BatchNorm); docs/results.md says why group")
-    pretrained_path: str = option("", doc="local state_dict file with ImageNet weights (never downloaded)")
+                           doc="normalisation layers of the small CNN (resnet8 and torchvision backbones keep "
+                               "BatchNorm); docs/results.md says why group")
+    pretrained_path: str = option("", doc="a local state_dict file with pretrained weights (ImageNet's for a "
+                                          "torchvision backbone; never downloaded), or 'builtin': the built-in "
+                                          "pretrained start, made on first use ([pretrain], hpcfl/pretrain.py)")
+
+
+@dataclass
+class PretrainConfig:
+    """The built-in pretrained start (``model.pretrained_path = "builtin"``): a model trained centrally, once, on a
+    pool of clean rendered images no client or test set holds (hpcfl/pretrain.py)."""
+
+    images: int = option(6000, lo=1, doc="images of the pool (every class equally often)")
+    epochs: int = option(4, lo=1, doc="epochs over the pool")
+    lr: float = option(2e-3, lo=0.0, lo_open=True, doc="Adam's learning rate (weight decay as train.weight_decay's default)")
+    batch_size: int = option(32, lo=1, doc="mini-batch size")
+    seed: int = option(7, lo=0, doc="seed of the pool's images, the initial model and the shuffling")
 
 
 @dataclass
@@ -162,6 +179,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -202,9 +220,7 @@ def _cross_checks(cfg: Config) -> None:
     if any(type(s) is not int or not 1 <= s <= 5 for s in b.test_severities):
         raise ConfigError(f"benchmark.test_severities: {b.test_severities!r} must be integers in 1..5")
     algorithm_class(cfg.algorithm.name).check_options(options_of(cfg.algorithm.name, cfg.algorithm))
-    if cfg.model.pretrained_path:
-        if cfg.model.name == "cnn":
-            raise ConfigError("model.pretrained_path: the small CNN has no pretrained weights (use a torchvision model)")
+    if cfg.model.pretrained_path and cfg.model.pretrained_path != "builtin":
         if not Path(cfg.model.pretrained_path).is_file():
             raise ConfigError(f"model.pretrained_path: no such file {cfg.model.pretrained_path}")
     phases = ("data", "broadcast", "statistics", "local training", "cosines", "weights", "aggregation",

@@ -23,6 +23,7 @@ from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
 from hpcfl.models import build_model, input_channels
+from hpcfl.pretrain import pretrain, pretrained_file
 from hpcfl.seeds import stream_seed
 from hpcfl.supervise import DebugHooks, Where
 
@@ -111,6 +112,21 @@ def prepare_data(cfg, comm: Comm, where: Where) -> Path:
     return directory
 
 
+def prepare_pretrained(cfg, comm: Comm, where: Where, manifest: Manifest) -> str:
+    """The pretrained weights' file: the user's, or the built-in start, which the server makes on first use while
+    the others wait (hpcfl/pretrain.py)."""
+    if cfg.model.pretrained_path != "builtin":
+        return cfg.model.pretrained_path
+    where.phase = "pretrain"
+    path = pretrained_file(cfg.data.cache_dir, cfg.model, manifest.image_shape, manifest.num_classes, cfg.pretrain)
+    if comm.is_server and not path.is_file():
+        log.info("building the pretrained start %s", path)
+        pretrain(path, cfg.model, manifest.image_shape, manifest.num_classes, cfg.pretrain, cfg.train.channels_last)
+    comm.barrier()
+    where.phase = "setup"
+    return str(path)
+
+
 def validation_count(n: int, fraction: float) -> int:
     """Samples of a client's shard held out for its per-client metrics (at least one stays for training)."""
     return min(int(round(n * fraction)), n - 1) if fraction > 0 else 0
@@ -164,10 +180,11 @@ def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Fe
     device = pick_device(cfg, comm)
     log.info("rank %d computes on %s", comm.rank, device)
     data_channels = manifest.image_shape[2]
+    pretrained = prepare_pretrained(cfg, comm, where, manifest)
 
     torch.manual_seed(stream_seed(cfg.run.seed, -1, -1, "init"))
-    model = build_model(cfg.model.name, manifest.num_classes, data_channels, cfg.model.width,
-                        cfg.model.pretrained_path, cfg.model.cnn_norm)
+    model = build_model(cfg.model.name, manifest.num_classes, data_channels, cfg.model.width, pretrained,
+                        cfg.model.cnn_norm)
     layout = FlatLayout(model)
     model.to(device)
     if cfg.train.channels_last:

@@ -25,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger("hpcfl")
 
 # The phases a rank goes through, in round order; their index travels in the arrival notes.
-PHASES = ("setup", "data", "resume", "broadcast", "statistics", "local training", "cosines", "weights",
+PHASES = ("setup", "data", "pretrain", "resume", "broadcast", "statistics", "local training", "cosines", "weights",
           "aggregation", "evaluation", "checkpoint", "finish")
 
 # ------------------------------------------------------------------------------------------------ start-up time

@@ -87,9 +87,9 @@ def test_small_cnn_normalisation_is_chosen_by_cnn_norm():
 @pytest.mark.parametrize("shape", [(4, 8, 16, 16), (3, 5, 7, 9), (2, 1, 6, 4)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channels_last_max_pooling_is_max_pool_2d_bit_for_bit(shape, channels_last):
-    """MaxPool2x2 (hpcfl/models.py) gives nn.MaxPool2d(2)'s values and gradients, odd sizes included, on ReLU
+    """MaxPool2x2 (hpcfl/models/nets.py) gives nn.MaxPool2d(2)'s values and gradients, odd sizes included, on ReLU
     outputs (whose ties at zero must not move a gradient)."""
-    from hpcfl.models import MaxPool2x2
+    from hpcfl.models.nets import MaxPool2x2
 
     torch.manual_seed(0)
     x = torch.relu(torch.randn(shape))

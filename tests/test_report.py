@@ -303,7 +303,7 @@ def test_csv_content(tmp_path):
              for s in ("mean", "std")]
     assert list(rows[0]) == ["setting", "method", "data.source", "benchmark.num_corrupted", "benchmark.corruption",
                              "benchmark.severity", "corrupted_set", "seeds", "num_seeds", "last_rounds",
-                             "num_values", *stats]
+                             "num_values", *stats, "sharpness_ratio_mean", "sharpness_ratio_std"]
     assert len(rows) == 2 and {r["setting"] for r in rows} == {"1"}
     assert rows[0]["data.source"] == "builtin" and rows[0]["benchmark.severity"] == "3"
     for r in rows:
@@ -355,7 +355,12 @@ def test_report_on_real_runs(tmp_path, capsys):
     rows = read_csv(tmp_path / "report" / "table.csv")
     assert [r["method"] for r in rows] == ["fedavg", "fedism"]
     assert all(0 <= float(r["clean_bacc_mean"]) <= 100 for r in rows)
-    assert len(list((tmp_path / "report").glob("*.png"))) == 4
+    # FedISM measures sharpness: its row has the corrupted ÷ clean ratio, FedAvg's has none, and a plot shows it
+    assert rows[0]["sharpness_ratio_mean"] == "" and float(rows[1]["sharpness_ratio_mean"]) > 0
+    assert "| Sharpness ratio |" in printed.splitlines()[printed.splitlines().index(
+        next(line for line in printed.splitlines() if line.startswith("| Method")))]
+    assert len(list((tmp_path / "report").glob("*.png"))) == 5
+    assert len(list((tmp_path / "report").glob("sharpness_*.png"))) == 1
     # a refusal through the command line: one message, exit code 2, no traceback
     res = subprocess.run([sys.executable, "-m", "hpcfl.report", dirs[0], str(tmp_path / "data-fedavg")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -383,3 +388,13 @@ def test_report_gives_the_corrupted_clients_aggregation_weight(tmp_path):
     line = next(x for x in markdown.splitlines() if x.startswith("Total aggregation weight"))
     assert "corrupted clients [3]" in line and f"fedavg {expected}" in line and f"fedism {expected}" in line
     assert "share of the training samples" not in line  # no manifest to read the shard sizes from
+
+
+def test_the_sharpness_ratio_by_hand(tmp_path):
+    """corrupted clients' mean sharpness ÷ the clean ones', per round, from the metrics lines."""
+    from hpcfl.report.tables import sharpness_ratio
+
+    run = load_run(make_run(tmp_path, "r", info={"corrupted_clients": [2, 3]}))
+    run.lines = [{"round": 0, "stats": {"sharpness": [1.0, 3.0, 4.0, 6.0]}}, {"round": 1, "stats": {}}]
+    ratio = sharpness_ratio(run)
+    assert ratio[0] == pytest.approx(5.0 / 2.0) and np.isnan(ratio[1])

@@ -61,7 +61,8 @@ def report(run_dirs: list[Path], out: Path, last: int = 5, group_by: list[str] =
     write_text(out / "report.md", markdown)
     write_text(out / "table.csv", table_csv(settings, tables, last))
     files = [out / "report.md", out / "table.csv"]
-    files += [out / f for fig in figures if fig for f in (fig["rounds"], fig["gap"], *fig["weights"].values())]
+    files += [out / f for fig in figures if fig
+              for f in (fig["rounds"], fig["gap"], *fig["weights"].values(), *filter(None, [fig.get("sharpness")]))]
     return markdown, files
 
 

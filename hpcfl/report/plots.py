@@ -12,7 +12,7 @@ import numpy as np
 from hpcfl.atomic import atomic_path
 from hpcfl.report.runs import corrupted_clients
 from hpcfl.report.settings import Setting, _slug
-from hpcfl.report.tables import Row, _plural
+from hpcfl.report.tables import Row, _plural, sharpness_ratio
 
 
 def save_figure(fig, path: Path) -> None:
@@ -127,11 +127,39 @@ def plot_gap(setting: Setting, rows: list[Row], colors: dict, last: int, path: P
     save_figure(fig, path)
 
 
+def plot_sharpness(setting: Setting, colors: dict, path: Path) -> bool:
+    """The corrupted ÷ clean sharpness ratio over the evaluated rounds per method that measures it (mean over
+    seeds, shaded ± std), with FedISM's premise (> 1) marked; False when no method measures sharpness."""
+    x = np.asarray(setting.rounds) + 1
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    drawn = False
+    for method, runs in setting.methods.items():
+        ratios = np.stack([sharpness_ratio(r) for r in runs])
+        if not np.isfinite(ratios).all():
+            continue
+        mean, std = ratios.mean(axis=0), ratios.std(axis=0)
+        ax.plot(x, mean, color=colors[method], label=f"{method} ({_plural(len(runs), 'seed')})")
+        ax.fill_between(x, mean - std, mean + std, color=colors[method], alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        return False
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="equal sharpness")
+    ax.set(xlabel="round", ylabel="sharpness: corrupted ÷ clean clients")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.suptitle(_title("Sharpness of the corrupted clients relative to the clean ones", setting, 7))
+    save_figure(fig, path)
+    return True
+
+
 def write_plots(setting: Setting, rows: list[Row], colors: dict, last: int, out: Path) -> dict[str, Any]:
     """Every figure of one setting; returns their file names (for report.md)."""
     figures = {"rounds": f"bacc_rounds_{setting.name}.png", "gap": f"gap_{setting.name}.png", "weights": {}}
     plot_rounds(setting, colors, last, out / figures["rounds"])
     plot_gap(setting, rows, colors, last, out / figures["gap"])
+    if plot_sharpness(setting, colors, out / f"sharpness_{setting.name}.png"):
+        figures["sharpness"] = f"sharpness_{setting.name}.png"
     for method in setting.methods:
         name = f"weights_{setting.name}_{_slug(method)}.png"
         if plot_weights(setting, method, out / name):

@@ -37,18 +37,36 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(np.mean(v)), float(np.std(v, ddof=0))
 
 
+def sharpness_ratio(run: Run) -> np.ndarray:
+    """Per evaluated round: the corrupted clients' mean sharpness ÷ the clean clients' (FedISM's premise is that it is
+    above 1); NaN where a line has no sharpness (methods that do not measure it) or the corrupted clients are unknown."""
+    corrupted = corrupted_clients(run) or []
+    out = []
+    for line in run.lines:
+        s = np.asarray(line.get("stats", {}).get("sharpness", []), dtype=np.float64)
+        bad = [c for c in corrupted if c < len(s)]
+        clean = [c for c in range(len(s)) if c not in set(corrupted)]
+        out.append(s[bad].mean() / s[clean].mean() if bad and clean and s[clean].mean() > 0 else np.nan)
+    return np.asarray(out)
+
+
 @dataclass
 class Row:
     method: str
     seeds: list[int]
     stats: dict[tuple[str, str], tuple[float, float]]  # (column, metric) -> (mean, std) in %
+    sharpness: tuple[float, float] | None = None  # mean ± std of the sharpness ratio over the window (a ratio)
 
 
 def table_rows(setting: Setting, last: int) -> list[Row]:
     corrupted, _ = setting.corrupted_set()
-    return [Row(method, sorted(r.seed for r in runs),
-                {k: mean_std(v) for k, v in cell_values(runs, corrupted, last).items()})
-            for method, runs in setting.methods.items()]
+    rows = []
+    for method, runs in setting.methods.items():
+        ratios = np.stack([sharpness_ratio(r)[-last:] for r in runs])
+        sharp = (float(ratios.mean()), float(ratios.std())) if np.isfinite(ratios).all() else None
+        rows.append(Row(method, sorted(r.seed for r in runs),
+                        {k: mean_std(v) for k, v in cell_values(runs, corrupted, last).items()}, sharp))
+    return rows
 
 
 def _cell(mean: float, std: float) -> str:
@@ -97,19 +115,29 @@ def setting_markdown(index: int, setting: Setting, rows: list[Row], last: int, f
     """One setting's heading, what its cells are made of, its table and links to its figures."""
     corrupted, why = setting.corrupted_set()
     seeds_column = len({tuple(r.seeds) for r in rows}) > 1
+    sharp_column = any(r.sharpness for r in rows)
     header = ["Method"] + ["Seeds"] * seeds_column + [f"{c} {m}" for _, c in COLUMNS for _, m in METRICS]
+    header += ["Sharpness ratio"] * sharp_column
     lines = [f"## Setting {index}: {setting.text()}", "",
              f"{_window_text(setting, rows, last)}. Corrupted test set: `{corrupted}` ({why}).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.method] + [", ".join(map(str, row.seeds))] * seeds_column
         cells += [_cell(*row.stats[(c, m)]) for c, _ in COLUMNS for m, _ in METRICS]
+        if sharp_column:
+            cells.append(f"{row.sharpness[0]:.3f} ± {row.sharpness[1]:.3f}" if row.sharpness else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    if sharp_column:
+        lines += ["", "Sharpness ratio: the corrupted clients' mean sharpness ÷ the clean clients', at the broadcast "
+                      "model, per round (mean ± std over the same rounds × seeds; a ratio, not %). FedISM's premise is "
+                      "that it is above 1; only methods that measure sharpness have it."]
     weights = corrupted_weight_text(setting)
     if weights:
         lines += ["", weights]
     if figures:
         links = [f"[BACC over rounds]({figures['rounds']})", f"[BACC gap]({figures['gap']})"]
+        if figures.get("sharpness"):
+            links.append(f"[sharpness ratio]({figures['sharpness']})")
         links += [f"[weights: {m}]({p})" for m, p in figures["weights"].items()]
         lines += ["", "Figures: " + " · ".join(links)]
     return "\n".join(lines + [""])
@@ -133,7 +161,7 @@ def table_csv(settings: list[Setting], tables: list[list[Row]], last: int) -> st
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["setting", "method", *keys, "corrupted_set", "seeds", "num_seeds", "last_rounds", "num_values",
-                     *stat_cols])
+                     *stat_cols, "sharpness_ratio_mean", "sharpness_ratio_std"])
     for i, (setting, rows) in enumerate(zip(settings, tables), 1):
         label = dict(setting.label)
         corrupted, _ = setting.corrupted_set()
@@ -142,5 +170,6 @@ def table_csv(settings: list[Setting], tables: list[list[Row]], last: int) -> st
             writer.writerow([i, row.method, *(_show(label[k]) if k in label else "" for k in keys), corrupted,
                              " ".join(map(str, row.seeds)), len(row.seeds),
                              " ".join(str(r + 1) for r in setting.rounds[-last:]), len(row.seeds) * last,
-                             *(f"{x:.6f}" for x in stats)])
+                             *(f"{x:.6f}" for x in stats),
+                             *([f"{x:.6f}" for x in row.sharpness] if row.sharpness else ["", ""])])
     return buf.getvalue()
