@@ -67,8 +67,23 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="does not match resnet18"):
         build_model("resnet18", 5, 3, pretrained_path=str(tmp_path / "foreign.pth"))
-    with pytest.raises(ValueError, match="no pretrained weights"):
+    with pytest.raises(ValueError, match="does not match cnn"):
         build_model("cnn", 5, 1, pretrained_path=str(path))
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8"])
+def test_own_models_take_every_pretrained_weight_but_the_head(tmp_path, name):
+    torch.manual_seed(0)
+    donor = build_model(name, 7, 1, 8)  # another number of classes: its head cannot be reused anyway
+    torch.save(donor.state_dict(), tmp_path / "start.pt")
+    torch.manual_seed(1)
+    model = build_model(name, 5, 1, 8, pretrained_path=str(tmp_path / "start.pt"))
+    for key, value in model.state_dict().items():
+        if key.startswith("head."):
+            assert value.shape[0] == 5
+        else:
+            assert torch.equal(value, donor.state_dict()[key]), key
+
 
 
 def test_small_cnn_normalisation_is_chosen_by_cnn_norm():
