@@ -15,6 +15,9 @@ from tests.conftest import REPO, final_vector, mpiexec, read_metrics, sets
 pytestmark = pytest.mark.mpi
 
 CASES = fingerprint.cases()
+# the BatchNorm ResNet from its built-in pretrained start (a small pool, so that the first launch makes it fast)
+PRETRAINED = ["model.name=resnet8", "model.pretrained_path=builtin", "pretrain.images=300", "pretrain.epochs=1",
+              "algorithm.name=fedism"]
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +28,8 @@ def runs(tmp_path_factory, data_cache):
         jobs = [["--out", str(root / f"{name}-{variant}-n{n}"),
                  *sets(*fingerprint.SETTINGS, f"data.cache_dir={data_cache}", f"algorithm.name={name}",
                        f"algorithm.variant={variant}")] for name, variant in CASES]
+        jobs.append(["--out", str(root / f"resnet8-builtin-n{n}"),
+                     *sets(*fingerprint.SETTINGS, *PRETRAINED, f"data.cache_dir={data_cache}")])
         (root / f"jobs{n}.json").write_text(json.dumps(jobs))
         # under MPI, no object may be pickled by mpi4py in the whole run (design invariant 1)
         cmd = [sys.executable, str(REPO / "tests" / "run_many.py"), str(root / f"jobs{n}.json"), "--forbid-pickle"]
@@ -78,3 +83,12 @@ def test_method_runs_and_single_rank_equals_mpi(runs, name, variant):
         assert sorted(w[0])[-1] == 1.0  # one-hot
     if name == "fedavg":
         assert not np.allclose(w[0], 1 / 20)  # data-size weighted
+
+
+def test_the_batchnorm_resnet_from_its_pretrained_start_is_the_same_single_rank_and_under_mpi(runs):
+    single, mpi = runs / "resnet8-builtin-n1", runs / "resnet8-builtin-n3"
+    np.testing.assert_array_equal(final_vector(single), final_vector(mpi))
+    a, b = read_metrics(single), read_metrics(mpi)
+    assert [x["metrics"] for x in a] == [x["metrics"] for x in b] and len(a) == 3
+    logs = (single / "logs" / "rank_0.log").read_text() + (mpi / "logs" / "rank_0.log").read_text()
+    assert logs.count("built the pretrained start") == 1  # made once, by the first launch's server, then cached
