@@ -1,34 +1,36 @@
 """Ratio benchmark of a federated round: hpcfl under mpiexec against a Flower simulation doing the same work.
 
-Command (the Flower side needs Flower: ``pip install "flwr[simulation]"``; ``--only hpcfl`` runs without it)::
+Command (the Flower side needs Flower, ``pip install "flwr[simulation]"``; ``--only hpcfl`` runs without it)::
 
     python -m benchmarks.flower [--rounds 6] [--workers 2] [--only hpcfl|flower] [--set KEY=VALUE ...]
 
 The same work on both sides: the built-in benchmark (``configs/default.toml`` plus ``--set`` overrides: 20 clients,
 the last 4 corrupted, the small GroupNorm CNN of width 16 on 32-px grayscale images), FedAvg with every client in
-every round, each client's local training as hpcfl's ``train_client`` does it (Adam lr 2e-3, weight decay 5e-4,
-batch 16, 1 epoch, logit-adjusted CE with the client's class prior, ``BatchTransform``'s random affine + flip,
-generators seeded by ``hpcfl.seeds``), and after every round the global model evaluated on the clean and the
-corrupted test sets (``predict_proba`` + ``classification_metrics``). One torch thread per process on both sides.
+every round, each client's local training by hpcfl's ``train_client`` (Adam lr 2e-3, weight decay 5e-4, batch 16,
+1 epoch, logit-adjusted CE with the client's class prior, ``BatchTransform``'s random affine + flip, generators
+seeded by ``hpcfl.seeds``: round 1's client losses are the same on both sides), and after every round the global
+model evaluated on the clean and the corrupted test set (``predict_proba`` + ``classification_metrics``). One
+torch thread per process on both sides.
 
   hpcfl   ``mpiexec -n WORKERS+1 python -m hpcfl.run``: a server and WORKERS client ranks, each hosting a fixed
-          share of the clients and training them one after another; one Reduce and one broadcast of the flat
-          model per round; the server evaluates round t's model on the test sets during round t+1. Round ends
-          are read from its metrics.jsonl (``elapsed_s``, see runs.py).
-  flower  this script in a child process, running ``flwr.simulation.run_simulation`` (Flower's Ray backend) with
-          one SuperNode per client and WORKERS Ray actors of 1 CPU. The ClientApp loads the global state_dict
-          from the message into its model, trains the client with ``train_client`` and replies with its
-          state_dict and sample count; each actor process builds the model once and reads a client's shard
-          (``load_client``) the first time it trains that client, then keeps both, as an hpcfl client rank does.
-          The ServerApp runs Flower's message-API ``FedAvg`` (weighted by sample counts, no federated
-          evaluation) with an ``evaluate_fn`` that evaluates centrally after every round (not w^0: hpcfl does
-          not); a round ends when that evaluation ends.
+          share of the clients and training them one after another; a Reduce and a broadcast of the flat model
+          per round; the server evaluates round t's model on the test sets during round t+1. A round ends when
+          its aggregate is on the server (metrics.jsonl's ``elapsed_s``, see runs.py). Run by hpcfl's own Python
+          (``--hpcfl-python``: by default, from a Flower environment, the one whose packages hold mpi4py).
+  flower  this script in a child process, running ``flwr.simulation.run_simulation`` (Flower's simulation engine
+          with its Ray backend, telemetry off): one SuperNode per client, WORKERS Ray actors of 1 CPU. The
+          ClientApp loads the message's global state_dict into its model, trains the client with
+          ``train_client`` and replies with its state_dict and sample count; each actor process builds the model
+          once and reads a client's shard (``load_client``) the first time it trains that client, then keeps
+          both, as an hpcfl client rank does. The ServerApp runs Flower's message-API ``FedAvg`` (weighted by
+          sample counts, no federated evaluation) with an ``evaluate_fn`` that evaluates centrally after every
+          round (not w^0: hpcfl does not). A round ends when that evaluation ends.
 
-Both sides are fresh launches timed from the moment this script starts them (the built-in data is built before,
+Both sides are fresh launches, timed from the moment this script starts them (the built-in data is built before,
 untimed). A round's time is the time between the ends of consecutive rounds; rounds 2..R are used (the first pays
-for warm-up) and the medians compared: ratio hpcfl round / Flower round, the goal of issue #14 is <= 0.5. Also
-shown: the time from launch to the end of round 1 (hpcfl: when its rank 0 prints its "start-up" line, just after
-round 1's aggregation and before that model's test evaluation) and the final model's clean balanced accuracy.
+for warm-up) and their medians compared: the ratio hpcfl round / Flower round, the goal of issue #14 is <= 0.5.
+Also shown: the time from launch to the end of round 1 (hpcfl: when its rank 0 prints its "start-up" line, right
+after round 1's aggregation) and the final model's balanced accuracy on the clean test set.
 """
 
 from __future__ import annotations
@@ -49,23 +51,23 @@ from statistics import median
 from benchmarks.runs import REPO, round_periods
 
 GOAL = 0.5
-INSTALL = ("Flower is not importable here: install it into a separate environment that also sees this one's packages, "
-           "e.g.\n  python3 -m venv /tmp/flwrenv && echo {purelib} > /tmp/flwrenv/lib/python{v}/site-packages/hpcfl.pth\n"
-           '  /tmp/flwrenv/bin/pip install "flwr[simulation]"    # then: /tmp/flwrenv/bin/python -m benchmarks.flower\n'
+INSTALL = ("Flower is not importable here. Install it into an environment that also sees this one's packages:\n"
+           "  python3 -m venv /tmp/flwrenv && echo {} > /tmp/flwrenv/lib/python{}/site-packages/hpcfl.pth\n"
+           '  /tmp/flwrenv/bin/pip install "flwr[simulation]"; /tmp/flwrenv/bin/python -m benchmarks.flower\n'
            "or run the hpcfl side alone: --only hpcfl")
 _STATE: dict = {}  # per process (a Ray actor or the Flower server): config, model, transform, data
 
 
-def launch(cmd: list[str], marker: str | None = None, timeout_s: int = 3600) -> tuple[float, float | None, str]:
+def launch(cmd: list[str], marker: str | None = None, timeout_s: int = 3600) -> tuple[float, float, str]:
     """Run ``cmd`` in the repository; returns (its start time, seconds until a stdout line held ``marker``, output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     print(f"running: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0, seen, out = time.time(), None, []
+    t0, seen, out = time.time(), float("nan"), []
     proc = subprocess.Popen(["timeout", "-k", "10", str(timeout_s), *cmd], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in proc.stdout:
-        if seen is None and marker and marker in line:
+        if seen != seen and marker and marker in line:
             seen = time.time() - t0
         out.append(line)
     if proc.wait() != 0:
@@ -78,18 +80,14 @@ def hpcfl_python() -> str:
     """hpcfl's own Python: this one, or, from a Flower environment that sees hpcfl's packages through a .pth file,
     the one of the environment that holds mpi4py (its MPI library and mpiexec are there, not here)."""
     spec = importlib.util.find_spec("mpi4py")  # <env>/lib/pythonX.Y/site-packages/mpi4py/__init__.py
-    home = Path(spec.origin).parents[4] / "bin" if spec and spec.origin else None
-    if home and (home / "python").exists() and not (Path(sys.executable).parent / "mpiexec").exists():
-        return str(home / "python")
-    return sys.executable
+    other = Path(spec.origin).parents[4] / "bin" / "python" if spec and spec.origin else None
+    mpi_here = (Path(sys.executable).parent / "mpiexec").exists()
+    return str(other) if other and other.exists() and not mpi_here else sys.executable
 
 
 def run_hpcfl(args) -> dict:
-    python = args.hpcfl_python
-    mpiexec = Path(python).parent / "mpiexec"
-    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    if not mpiexec:
-        raise SystemExit(f"no mpiexec beside {python} nor on PATH")
+    python, mpiexec = args.hpcfl_python, Path(args.hpcfl_python).parent / "mpiexec"
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec") or "mpiexec"
     with tempfile.TemporaryDirectory(prefix="hpcfl-flower-") as tmp:
         cmd = [mpiexec, "-n", str(args.workers + 1), python, "-m", "hpcfl.run", "--out", f"{tmp}/run"]
         cmd += [a for s in [f"run.rounds={args.rounds}", "eval.every=1", *args.sets] for a in ("--set", s)]
@@ -125,12 +123,12 @@ def state(sets: list[str]) -> dict:
         manifest = Manifest.load(directory)
         channels = manifest.image_shape[2]
         torch.manual_seed(stream_seed(cfg.run.seed, -1, -1, "init"))
-        model = build_model(cfg.model.name, manifest.num_classes, channels, cfg.model.width, cfg.model.pretrained_path,
-                            cfg.model.cnn_norm)
+        model = build_model(cfg.model.name, manifest.num_classes, channels, cfg.model.width,
+                            cfg.model.pretrained_path, cfg.model.cnn_norm)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
-        _STATE.update(cfg=cfg, directory=directory, manifest=manifest, model=model, clients={},
-                      transform=BatchTransform(input_channels(cfg.model.name, channels), "cpu", cfg.train.channels_last))
+        transform = BatchTransform(input_channels(cfg.model.name, channels), "cpu", cfg.train.channels_last)
+        _STATE.update(cfg=cfg, directory=directory, manifest=manifest, model=model, transform=transform, clients={})
     return _STATE
 
 
@@ -160,7 +158,6 @@ def client_train(msg, context):
 
 def flower_child(args) -> int:
     """The Flower side, in its own process; prints the rounds' end times (time.time()) and the final clean BACC."""
-    import flwr
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
     from flwr.clientapp import ClientApp
@@ -174,7 +171,7 @@ def flower_child(args) -> int:
     s = state(args.sets)
     cfg, model, n = s["cfg"], s["model"], s["cfg"].benchmark.num_clients
     tests = {e.name: read_checked(s["directory"], e, s["manifest"]) for e in s["manifest"].test_sets}
-    ends, bacc = [], []
+    ends, bacc = [], [float("nan")]
 
     def evaluate(server_round, arrays):
         if server_round == 0:
@@ -183,7 +180,7 @@ def flower_child(args) -> int:
         res = {name: classification_metrics(t.labels, predict_proba(model, torch.from_numpy(t.images), s["transform"],
                                                                     cfg.eval.batch_size)) for name, t in tests.items()}
         ends.append(time.time())
-        bacc.append(res["clean"]["bacc"])
+        bacc[0] = res["clean"]["bacc"]
         return MetricRecord({f"{name}_bacc": r["bacc"] for name, r in res.items()})
 
     server_app = ServerApp()
@@ -201,7 +198,7 @@ def flower_child(args) -> int:
         "init_args": {"num_cpus": args.workers, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}})
     if len(ends) != args.rounds:
         raise SystemExit(f"Flower ran {len(ends)} of {args.rounds} rounds")
-    print(f"flower result: {json.dumps({'ends': ends, 'bacc': bacc[-1], 'version': flwr.__version__})}", flush=True)
+    print(f"flower result: {json.dumps({'ends': ends, 'bacc': bacc[0]})}", flush=True)
     return 0
 
 
@@ -222,8 +219,7 @@ def main(argv=None) -> int:
         return flower_child(args)
     sides = [args.only] if args.only else ["hpcfl", "flower"]
     if "flower" in sides and not all(importlib.util.find_spec(m) for m in ("flwr", "ray")):
-        print(INSTALL.format(purelib=sysconfig.get_paths()["purelib"], v=sysconfig.get_python_version()),
-              file=sys.stderr)
+        print(INSTALL.format(sysconfig.get_paths()["purelib"], sysconfig.get_python_version()), file=sys.stderr)
         return 2
 
     from hpcfl.config import load
@@ -239,7 +235,8 @@ def main(argv=None) -> int:
     print(subprocess.run([args.hpcfl_python, "-c", "from benchmarks.runs import machine_line; print(machine_line())"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout, end="")
     print(f"setup: built-in benchmark (configs/default.toml), {cfg.benchmark.num_clients} clients, FedAvg, "
-          f"{args.rounds} rounds, medians over rounds 2..{args.rounds}; extra settings: {' '.join(args.sets) or 'none'}")
+          f"{args.rounds} rounds, medians over rounds 2..{args.rounds}; "
+          f"extra settings: {' '.join(args.sets) or 'none'}")
     if "hpcfl" in sides:
         print(f"  hpcfl   mpiexec -n {args.workers + 1}: a server and {args.workers} client ranks, "
               f"torch threads {cfg.run.torch_threads} ({args.hpcfl_python})")
@@ -254,7 +251,8 @@ def main(argv=None) -> int:
         print(f"{side:<8}{median(r['periods']):>10.3f}{r['first']:>28.2f}{r['bacc']:>18.3f}")
     if len(results) == 2:
         ratio = median(results["hpcfl"]["periods"]) / median(results["flower"]["periods"])
-        print(f"\nratio hpcfl round / Flower round: {ratio:.3f}  (goal <= {GOAL}) [{'ok' if ratio <= GOAL else 'MISS'}]")
+        print(f"\nratio hpcfl round / Flower round: {ratio:.3f}  (goal <= {GOAL}) "
+              f"[{'ok' if ratio <= GOAL else 'MISS'}]")
     return 0
 
 

@@ -17,6 +17,7 @@ the new checkpoint, whole. No random-number state needs saving: every stream is 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import re
@@ -33,6 +34,22 @@ POINTER = "checkpoint.json"
 
 class CheckpointError(UsageError):
     """An unreadable, foreign or mismatching checkpoint."""
+
+
+def digest(path: Path) -> np.ndarray:
+    """A file's sha256 as 32 bytes (uint8), so that ranks can sum their files' digests into one table."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def check_digest(path: Path, want: str | None) -> None:
+    """Refuse a checkpoint file whose content is not what was written (``want``: its sha256 in hex, or None for a
+    checkpoint written before hpcfl recorded them)."""
+    if want is not None and digest(path).tobytes().hex() != want:
+        raise CheckpointError(f"{path}: its sha256 differs from the checkpoint's record (the file changed)")
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -83,6 +100,7 @@ def commit(run_dir: Path, round_idx: int, state: dict, global_vec: np.ndarray) -
     """Server, after every rank wrote its files into the staging directory: complete, rename, point, prune."""
     staging = staging_dir(run_dir, round_idx)
     save_array(staging / "global.npy", global_vec)
+    state = {**state, "global_sha256": digest(staging / "global.npy").tobytes().hex()}
     write_json(staging / "state.json", {"round": round_idx, **state})
     final = run_dir / f"checkpoint-{round_idx:06d}"
     shutil.rmtree(final, ignore_errors=True)
@@ -138,6 +156,12 @@ def load_state(directory: Path, rounds: int, eval_every: int) -> dict:
     weights = state["prev_weights"]
     if not (isinstance(weights, list) and weights and all(_finite_number(w) and w >= 0 for w in weights)):
         raise CheckpointError(f"{path}: prev_weights must be a list of finite numbers >= 0")
+    for key in ("global_sha256", "client_sha256"):  # absent in checkpoints of older versions
+        value = state.get(key)
+        hexes = value if isinstance(value, list) else [value] if key in state else []
+        if (key == "client_sha256" and key in state and not isinstance(value, list)) or not all(
+                isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hexes):
+            raise CheckpointError(f"{path}: {key} must be sha256 hex digests")
     lines = state["metrics"]
     expected = [r for r in range(t + 1) if (r + 1) % eval_every == 0 or r == rounds - 1]
     if not (isinstance(lines, list) and all(isinstance(x, dict) for x in lines)) \
@@ -156,10 +180,13 @@ def check_sizes(directory: Path, state: dict, num_clients: int, size: int, clien
     path = directory / "state.json"
     if len(state["prev_weights"]) != num_clients:
         raise CheckpointError(f"{path}: {len(state['prev_weights'])} prev_weights for {num_clients} clients")
+    if "client_sha256" in state and len(state["client_sha256"]) != num_clients:
+        raise CheckpointError(f"{path}: {len(state['client_sha256'])} client_sha256 for {num_clients} clients")
     try:
         check_state(state["algorithm"], num_clients)
     except ValueError as e:
         raise CheckpointError(f"{path}: algorithm state: {e}") from None
+    check_digest(directory / "global.npy", state.get("global_sha256"))
     global_vec = load_array(directory / "global.npy", size)
     if client_files:
         for cid in range(num_clients):

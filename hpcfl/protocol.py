@@ -296,13 +296,18 @@ def save_checkpoint(fed: Federation, s: RoundState, lines: list[dict]) -> None:
         checkpoint.begin(out_dir, t)
     comm.barrier()
     staging = checkpoint.staging_dir(out_dir, t)
-    for cid, vec in (s.prev_local if fed.algorithm.keeps_local_model else {}).items():
+    kept = s.prev_local if fed.algorithm.keeps_local_model else {}
+    digests = np.zeros((fed.num_clients, 32), dtype=np.int64)  # each file's sha256, summed to the server
+    for cid, vec in kept.items():
         checkpoint.save_array(checkpoint.client_path(staging, cid), vec)
-    comm.barrier()
+        digests[cid] = checkpoint.digest(checkpoint.client_path(staging, cid))
+    comm.reduce_sum(digests, digests)  # (also the barrier before the server completes the checkpoint)
     if comm.is_server:
-        checkpoint.commit(out_dir, t, {"config_digest": fed.cfg.digest(), "hpcfl_version": __version__,
-                                       "algorithm": fed.algorithm.state_dict(),
-                                       "prev_weights": s.prev_weights.tolist(), "metrics": lines}, s.global_vec)
+        state = {"config_digest": fed.cfg.digest(), "hpcfl_version": __version__,
+                 "algorithm": fed.algorithm.state_dict(), "prev_weights": s.prev_weights.tolist(), "metrics": lines}
+        if fed.algorithm.keeps_local_model:
+            state["client_sha256"] = [bytes(row.astype(np.uint8)).hex() for row in digests]
+        checkpoint.commit(out_dir, t, state, s.global_vec)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -349,6 +354,7 @@ def start_state(fed: Federation, opening: Opening) -> tuple[RoundState, int, lis
     start, lines = 0, []
     if opening.mode == RESUME:
         resume = np.zeros(n + 1)
+        digests = np.zeros((n, 32), dtype=np.uint8)  # the kept client models' sha256, where recorded
         if comm.is_server:
             state, directory = opening.state, opening.checkpoint
             s.global_vec[:] = checkpoint.check_sizes(directory, state, n, layout.size,
@@ -356,28 +362,40 @@ def start_state(fed: Federation, opening: Opening) -> tuple[RoundState, int, lis
             fed.algorithm.load_state_dict(state["algorithm"])
             lines = state["metrics"]
             resume[0], resume[1:] = state["round"] + 1, state["prev_weights"]
+            for cid, hexdigest in enumerate(state.get("client_sha256") or []):
+                digests[cid] = np.frombuffer(bytes.fromhex(hexdigest), dtype=np.uint8)
         comm.bcast(resume)
         start, s.prev_weights = int(resume[0]), resume[1:].copy()
         if fed.algorithm.keeps_local_model:
+            comm.bcast(digests)
             directory = fed.out_dir / f"checkpoint-{start - 1:06d}"
-            s.prev_local = {cid: checkpoint.load_array(checkpoint.client_path(directory, cid), layout.size)
-                            for cid in fed.my_clients}
+            for cid in fed.my_clients:
+                path = checkpoint.client_path(directory, cid)
+                checkpoint.check_digest(path, digests[cid].tobytes().hex() if digests[cid].any() else None)
+                s.prev_local[cid] = checkpoint.load_array(path, layout.size)
         log.info("resuming %s after round %d", fed.out_dir, start)
     return s, start, lines
 
 
 def run(cfg, comm, out_dir: Path, where: Where, overwrite: bool = False, force: bool = False) -> dict:
     """Run (or resume) the whole federation. Returns {"stopped": True} when stopped at a checkpoint on request."""
+    import faulthandler
+
     lock = RunLock(out_dir) if comm.is_server else None
+    # from here to the end a stuck rank cannot hang the job; the start-up timer of hpcfl.run hands over to it
+    watchdog = RoundWatchdog(cfg.run.round_timeout_s, cfg.run.watchdog_floor_s, comm, where)
+    faulthandler.cancel_dump_traceback_later()
     try:
-        return _run(cfg, comm, out_dir, where, lock, overwrite, force)
+        return _run(cfg, comm, out_dir, where, lock, overwrite, force, watchdog)
     finally:
+        watchdog.stop()
         if lock is not None:
             lock.release()
         comm.close()
 
 
-def _run(cfg, comm, out_dir: Path, where: Where, lock: RunLock | None, overwrite: bool, force: bool) -> dict:
+def _run(cfg, comm, out_dir: Path, where: Where, lock: RunLock | None, overwrite: bool, force: bool,
+         watchdog: RoundWatchdog) -> dict:
     t_start = time.time()
     torch.set_num_threads(cfg.run.torch_threads)
     where.phase = "setup"
@@ -395,12 +413,7 @@ def _run(cfg, comm, out_dir: Path, where: Where, lock: RunLock | None, overwrite
     add_rank_log(out_dir, comm.rank)
     where.trace_to(trace_path(out_dir, comm.rank), comm.rank)
     comm.watch(where)
-    # from here to the end a stuck rank cannot hang the job: setup gets the first round's limit
-    watchdog = RoundWatchdog(cfg.run.round_timeout_s, cfg.run.watchdog_floor_s, comm, where)
-    try:
-        return _rounds(cfg, comm, out_dir, where, opening, mode, watchdog, t_start)
-    finally:
-        watchdog.stop()
+    return _rounds(cfg, comm, out_dir, where, opening, mode, watchdog, t_start)
 
 
 def _rounds(cfg, comm, out_dir: Path, where: Where, opening: Opening, mode: int, watchdog: RoundWatchdog,

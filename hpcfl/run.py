@@ -13,6 +13,7 @@ Ctrl-C (run again to resume; a second Ctrl-C stops at once). docs/reliability.md
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 import time
@@ -20,6 +21,7 @@ import traceback
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("configs/default.toml")
+EXIT_DEADLINE: list[float] = []  # set by a run that got through: how long leaving (MPI's shutdown) may take
 
 
 def parse_args(argv=None):
@@ -56,13 +58,33 @@ def setup_logging(rank: int, size: int) -> None:
 
 
 def main(argv=None) -> int:
-    from hpcfl.supervise import install_signal_handlers, launcher_rank, launcher_size
+    from hpcfl.supervise import RoundWatchdog, install_signal_handlers, launcher_rank, launcher_size
 
     install_signal_handlers(speaks=launcher_rank() == 0)  # first: a Ctrl-C during the imports is ours too
     args = parse_args(argv)
     from hpcfl import config as config_mod
-    from hpcfl.comm import world
     from hpcfl.errors import UsageError, describe_os_error
+
+    # Every rank reads and checks the same config before MPI starts (the config needs neither MPI nor torch), so
+    # a bad config ends every rank the same way (exit 2) without a collective; only rank 0 says why.
+    try:
+        path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        cfg = config_mod.load(path, args.overrides)
+        if args.out is not None:
+            config_mod.toml_string(str(args.out))  # refuses a path that config.toml could not hold
+            cfg.run.out = str(args.out)
+    except UsageError as e:
+        if launcher_rank() == 0:
+            print(f"hpcfl: error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(cfg.run.out)
+    EXIT_DEADLINE.clear()
+    # A rank stuck before the round watchdog runs (MPI's start-up holds the interpreter, so no Python thread could
+    # speak): a timer outside the interpreter ends this process, with where it was, after the setup's limit.
+    deadline = cfg.run.round_timeout_s or RoundWatchdog.FIRST_ROUND * cfg.run.watchdog_floor_s
+    faulthandler.dump_traceback_later(deadline, exit=True)
+
+    from hpcfl.comm import world
 
     comm = world()
     from hpcfl import protocol  # torch and the rest: most of a rank's start-up
@@ -76,24 +98,11 @@ def main(argv=None) -> int:
             print(f"hpcfl: error: the launcher started {started} processes but MPI sees each as a world of 1: the "
                   "launcher and the MPI that mpi4py uses do not match (with srun and the README's MPICH use "
                   "--mpi=pmi2; docs/cluster.md, \"Which --mpi\")", file=sys.stderr)
+        faulthandler.cancel_dump_traceback_later()
         return 2
     install_signal_handlers(speaks=comm.is_server)
     setup_logging(comm.rank, comm.size)
     log = logging.getLogger("hpcfl")
-
-    # Every rank reads and checks the same config before any communication, so a bad config ends every rank
-    # the same way (exit 2) without a collective; only rank 0 says why.
-    try:
-        path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-        cfg = config_mod.load(path, args.overrides)
-        if args.out is not None:
-            config_mod.toml_string(str(args.out))  # refuses a path that config.toml could not hold
-            cfg.run.out = str(args.out)
-    except UsageError as e:
-        if comm.is_server:
-            print(f"hpcfl: error: {e}", file=sys.stderr)
-        return 2
-    out_dir = Path(cfg.run.out)
 
     where = Where()
     try:
@@ -125,6 +134,7 @@ def main(argv=None) -> int:
         if comm.size > 1:
             comm.abort(1)
         return 1
+    EXIT_DEADLINE.append(deadline)
     if result.get("stopped"):
         return 3
     if comm.is_server:
@@ -133,4 +143,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if EXIT_DEADLINE:
+        # MPI's shutdown waits for every rank, and a rank stopped there would hang the job after its work is safe:
+        # a timer outside the interpreter ends the process if leaving takes longer than a round may
+        faulthandler.dump_traceback_later(EXIT_DEADLINE[0], exit=True)
+    sys.exit(code)

@@ -42,13 +42,16 @@ def _me() -> dict:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a zombie, not yet reaped, does not)."""
+    from hpcfl.supervise import process_state
+
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it runs, as another user
         return True
-    return True
+    return process_state(pid) != "gone"
 
 
 class RunLock:
@@ -97,7 +100,7 @@ class RunLock:
     def _holder(self) -> tuple[dict | None, float]:
         """The lock's content (None when unreadable) and its age in seconds; (None, -1) when there is none."""
         try:
-            age = time.time() - self.path.stat().st_mtime
+            age = max(0.0, time.time() - self.path.stat().st_mtime)  # a clock ahead of ours: as fresh
         except FileNotFoundError:
             return None, -1.0
         try:

@@ -326,6 +326,9 @@ class RoundWatchdog:
                f"run.watchdog_floor_s")
         part = f"round {w.round}" if w.round is not None else "setup"
         head = f"hpcfl: rank {rank}: {part} exceeded its time limit ({how}) after {elapsed:.0f} s"
+        if w.round is None and not w.waiting:
+            return (f"{head}: this rank is still in {w}; ending the job (if setup legitimately takes this long, "
+                    f"raise run.watchdog_floor_s)")
         if not w.waiting:
             return f"{head}: this rank is stuck in {w}; ending the job"
         if self.comm.is_server:

@@ -20,6 +20,7 @@ import math
 import numbers
 import pickle
 import re
+import reprlib
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class _PendingArray:
             raise pickle.UnpicklingError("unexpected array state")
         _, shape, dtype, fortran, raw = state
         if not (isinstance(shape, tuple) and all(_is_int(d) and d >= 0 for d in shape) and len(shape) <= 2):
-            raise pickle.UnpicklingError(f"unexpected array shape {shape!r}")
+            raise pickle.UnpicklingError(f"unexpected array shape {_short(shape)}")
         n = math.prod(int(d) for d in shape)
         if n > MAX_ELEMENTS:
             raise pickle.UnpicklingError(f"an array of {n} elements is not a partition")
@@ -89,7 +90,7 @@ def _reconstruct(subtype, shape, dtype):
     """``numpy.core.multiarray._reconstruct``, restricted to what ``ndarray.__reduce__`` emits; the array's
     content comes in its ``__setstate__`` (``_PendingArray``)."""
     if subtype is not np.ndarray or shape != (0,):
-        raise pickle.UnpicklingError(f"unexpected array reconstruction ({subtype!r}, {shape!r})")
+        raise pickle.UnpicklingError(f"unexpected array reconstruction ({_short(subtype)}, {_short(shape)})")
     return _PendingArray()
 
 
@@ -105,7 +106,7 @@ def _scalar(dtype, data=None):
 def _dtype(name, align=False, copy=True):
     """``numpy.dtype`` for plain numbers and the object wrapper (nothing with fields or sub-arrays)."""
     if not (isinstance(name, str) and re.fullmatch(r"[biuf][1248]|O[48]?|b1", name)):
-        raise pickle.UnpicklingError(f"unexpected dtype {name!r}")
+        raise pickle.UnpicklingError(f"unexpected dtype {_short(name)}")
     return np.dtype(name, align, copy)
 
 
@@ -161,7 +162,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid):
-        raise UnsafePickleError(f"{self._source}: refusing persistent id {pid!r} in pickle")
+        raise UnsafePickleError(f"{self._source}: refusing persistent id {_short(pid)} in pickle")
+
+
+def _short(x: object) -> str:
+    """A repr bounded in length and depth (a crafted file's nesting could be millions deep or long)."""
+    return reprlib.repr(x)
 
 
 def _is_int(x: object) -> bool:
@@ -181,7 +187,7 @@ def _as_index_array(value: object, key: int, source: str) -> np.ndarray:
         bad = next((x for x in value if not _is_int(x)), None)
         if bad is not None:
             raise PartitionFileError(
-                f"{source}: client {key}: row indices must be ints, got {type(bad).__name__} {bad!r}"
+                f"{source}: client {key}: row indices must be ints, got {type(bad).__name__} {_short(bad)}"
             )
         items = list(value)
     else:
@@ -254,7 +260,7 @@ def load_partition_file(path: str | Path) -> dict[int, np.ndarray]:
     parts: dict[int, np.ndarray] = {}
     for key, value in obj.items():
         if not _is_int(key) or int(key) < 0:
-            raise PartitionFileError(f"{source}: client ids must be non-negative ints, got {key!r}")
+            raise PartitionFileError(f"{source}: client ids must be non-negative ints, got {_short(key)}")
         parts[int(key)] = _as_index_array(value, int(key), source)
     return dict(sorted(parts.items()))
 

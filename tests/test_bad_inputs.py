@@ -309,12 +309,32 @@ def _pointer_outside_run_dir(c):
     return sets(*c.base())
 
 
+def _vouch_for_global(c):
+    """Record the (replaced) global.npy's sha256 in state.json, as if hpcfl had written it: the checks behind the
+    checksum must refuse it on their own."""
+    path = c.checkpoint_dir() / "state.json"
+    state = json.loads(path.read_text())
+    state["global_sha256"] = sha256_of(c.checkpoint_dir() / "global.npy")
+    path.write_text(json.dumps(state))
+
+
 def _global_is_pickle(c):
     c.copy_run(finished=False)
     payload = np.empty(1, dtype=object)
     payload[0] = RunsArbitraryCode(c.tmp / "pickle-was-executed")
     with open(c.checkpoint_dir() / "global.npy", "wb") as f:
         np.save(f, payload, allow_pickle=True)
+    _vouch_for_global(c)
+    return sets(*c.base())
+
+
+def _global_changed(c):
+    c.copy_run(finished=False)
+    path = c.checkpoint_dir() / "global.npy"
+    vec = np.load(path)
+    vec[0] += 1.0
+    with open(path, "wb") as f:
+        np.save(f, vec, allow_pickle=False)
     return sets(*c.base())
 
 
@@ -326,6 +346,7 @@ def _global_wrong_length(c):
     c.copy_run(finished=False)
     with open(c.checkpoint_dir() / "global.npy", "wb") as f:
         np.save(f, np.zeros(7, dtype=np.float32), allow_pickle=False)
+    _vouch_for_global(c)
     return sets(*c.base())
 
 
@@ -356,6 +377,7 @@ def _global_nonfinite(c):
     vec[3] = np.nan
     with open(path, "wb") as f:
         np.save(f, vec, allow_pickle=False)
+    _vouch_for_global(c)
     return sets(*c.base())
 
 
@@ -389,6 +411,7 @@ def _global_huge_header(c):
     with open(path, "wb") as f:  # a header that claims 4 TB, over a few bytes
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12,)})
         f.write(b"\0" * 64)
+    _vouch_for_global(c)
     return sets(*c.base())
 
 
@@ -510,6 +533,8 @@ CASES = [
     Case("state_algorithm_unknown_keys", "resume", _edit_state(lambda st: st.update(algorithm={"prev": [1]})),
          "algorithm state: keys ['prev'], expected []"),
     Case("global_model_not_finite", "resume", _global_nonfinite, "global.npy: holds non-finite values"),
+    Case("global_model_changed", "resume", _global_changed,
+         "global.npy: its sha256 differs from the checkpoint's record (the file changed)"),
     Case("run_json_garbage", "resume", _run_json_garbage, "run.json: unreadable"),
     Case("state_weights_negative", "resume", _edit_state(lambda st: st["prev_weights"].__setitem__(0, -0.5)),
          "state.json: prev_weights must be a list of finite numbers >= 0"),

@@ -133,6 +133,31 @@ def test_a_rank_stopped_during_setup_or_a_stopped_server_is_named_once(tmp_path)
     assert said[0].startswith("hpcfl: rank 1: round") and "likely rank 0 that is stuck" in said[0], said[0]
 
 
+def test_a_rank_stopped_during_start_up_does_not_hang_the_job(tmp_path, data_cache):
+    """SIGSTOP of a rank a moment after launch, before MPI is up or the run directory is decided: a timer outside
+    the interpreter ends the waiting ranks after the setup's limit (4 x run.watchdog_floor_s)."""
+    args = ["--out", str(tmp_path / "run"), *sets(*TINY, f"data.cache_dir={data_cache}", "run.watchdog_floor_s=2")]
+    proc = subprocess.Popen([mpiexec(), "-n", "3", sys.executable, "-m", "hpcfl.run", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pid = None
+    try:
+        deadline = time.time() + 30
+        while pid is None and time.time() < deadline:  # a rank's python, as soon as the three exist
+            found = subprocess.run(["pgrep", "-f", f"hpcfl.run --out {tmp_path / 'run'}"], capture_output=True,
+                                   text=True)
+            pids = sorted(int(x) for x in found.stdout.split() if int(x) != proc.pid)
+            if len(pids) >= 3:
+                pid = pids[-1]
+            time.sleep(0.05)
+        assert pid, "no rank process found"
+        os.kill(pid, signal.SIGSTOP)
+        code, _, err = finish(proc, timeout=90)
+    finally:
+        _release(pid)
+    assert code not in (0, 3), err[-3000:]
+    assert "Traceback (most recent call last)" not in err
+
+
 def _release(pid: int | None) -> None:
     for sig in (signal.SIGCONT, signal.SIGKILL):
         if pid:
@@ -352,3 +377,22 @@ def test_a_run_directory_with_a_non_ascii_name_resumes(tmp_path, data_cache):
     p = launch(1, args)
     assert p.returncode == 0 and "resuming" in p.stdout, p.stderr[-2000:]
     assert np.isfinite(final_vector(run)).all()
+
+
+def test_a_lock_from_a_clock_ahead_is_fresh_and_its_holder_named(tmp_path):
+    """A run.lock written by a host whose clock is ahead of ours (its time in our future) is a live holder."""
+    from hpcfl.errors import UsageError
+    from hpcfl.runlock import LOCK, RunLock
+
+    lock = tmp_path / LOCK
+    lock.write_text(json.dumps({"host": "othernode-17", "pid": 4242, "since": "2026-12-03T10:00:00+0000"}))
+    ahead = time.time() + 120
+    os.utime(lock, (ahead, ahead))
+    with pytest.raises(UsageError, match="in use by another hpcfl run: pid 4242 on othernode-17"):
+        RunLock(tmp_path).acquire()
+    stale = time.time() - 700  # no refresh for over 10 minutes: its holder is gone
+    os.utime(lock, (stale, stale))
+    mine = RunLock(tmp_path)
+    assert "not refreshed" in mine.acquire()["stale"]
+    mine.release()
+    assert not lock.exists()

@@ -336,3 +336,32 @@ print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) //
     assert "row indices must be ints" in lines[0] and float(lines[0].split()[0]) < 2, p.stdout
     assert "holds 100000000 row indices; no partition is that large" in lines[1], p.stdout
     assert float(lines[1].split()[0]) < 5, p.stdout
+
+
+def test_a_deeply_nested_file_is_refused_with_a_short_message(tmp_path):
+    """A list nested 200,000 deep (a few hundred kB of pickle opcodes, which the unpickler builds without
+    recursion): one bounded error line, no RecursionError and no crash."""
+    import io
+    import subprocess
+    import sys
+
+    depth = 200_000
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|O", "fortran_order": False, "shape": ()})
+    # {0: [[[...[0]...]]]}: EMPTY_DICT, key 0, depth EMPTY_LISTs, 0, depth APPENDs, SETITEM, STOP
+    payload = b"\x80\x03}K\x00" + b"]" * depth + b"K\x00" + b"a" * depth + b"s."
+    (tmp_path / "deep.npy").write_bytes(header.getvalue() + payload)
+    script = """
+import sys
+from preprocess.ffl4mia import PartitionFileError, load_partition_file
+try:
+    load_partition_file(sys.argv[1])
+    print("LOADED")
+except PartitionFileError as e:
+    print(len(str(e)), str(e)[:200])
+"""
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "deep.npy")], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-2000:])
+    length, message = p.stdout.split(" ", 1)
+    assert int(length) < 400 and "deep.npy" in message and "row indices must be ints" in message, p.stdout
