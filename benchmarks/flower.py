@@ -14,8 +14,9 @@ torch thread per process on both sides.
 
   hpcfl   ``mpiexec -n WORKERS+1 python -m hpcfl.run``: a server and WORKERS client ranks, each hosting a fixed
           share of the clients and training them one after another; a Reduce and a broadcast of the flat model
-          per round; the server evaluates round t's model on the test sets during round t+1. A round ends when
-          its aggregate is on the server (metrics.jsonl's ``elapsed_s``, see runs.py). Run by hpcfl's own Python
+          per round; the server evaluates round t's model on the test sets during round t+1 (at once before a
+          checkpoint: every 5 rounds by default). A round ends when its aggregate is on the server
+          (metrics.jsonl's ``elapsed_s``, see runs.py). Run by hpcfl's own Python
           (``--hpcfl-python``: by default, from a Flower environment, the one whose packages hold mpi4py).
   flower  this script in a child process, running ``flwr.simulation.run_simulation`` (Flower's simulation engine
           with its Ray backend, telemetry off): one SuperNode per client, WORKERS Ray actors of 1 CPU. The
@@ -249,6 +250,8 @@ def main(argv=None) -> int:
     print(f"\n{'side':<8}{'round s':>10}{'first round from launch s':>28}{'final clean bacc':>18}")
     for side, r in results.items():
         print(f"{side:<8}{median(r['periods']):>10.3f}{r['first']:>28.2f}{r['bacc']:>18.3f}")
+    for side, r in results.items():
+        print(f"{side} rounds 2..{args.rounds} s: {' '.join(f'{x:.3f}' for x in r['periods'])}")
     if len(results) == 2:
         ratio = median(results["hpcfl"]["periods"]) / median(results["flower"]["periods"])
         print(f"\nratio hpcfl round / Flower round: {ratio:.3f}  (goal <= {GOAL}) "

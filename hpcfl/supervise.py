@@ -34,13 +34,12 @@ _IMPORTED = time.time()
 
 
 def process_age() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere since this module was imported)."""
+    """Seconds since this process started (Linux: its start time in /proc, against the same clock since boot;
+    elsewhere since this module was imported)."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time() - _IMPORTED
 
 
