@@ -5,7 +5,7 @@ Command::
     python -m benchmarks.loader [--images 512] [--size 224] [--batch 32] [--epochs 2] [--workers 0 2]
                                 [--repeats 3] [--seed 0]
 
-Both paths turn the same ``--images`` grayscale images (rendered by ``preprocess.render``, ``--size`` px) into
+Both paths turn the same ``--images`` grayscale images (rendered by ``hpcfl.data.render``, ``--size`` px) into
 augmented, normalised 3-channel float batches [B, 3, S, S] of ``--batch`` images, shuffled, for ``--epochs``
 epochs, as a client's local training consumes them:
 

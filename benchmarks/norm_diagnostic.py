@@ -6,7 +6,7 @@ Command::
     python -m benchmarks.norm_diagnostic [--size 32] [--severity 3] [--train 4000] [--epochs 20] [--noisy 0.2]
                                          [--batches shuffled|grouped] [--norm batch|group] [--width 32]
 
-Renders the built-in benchmark's images (``preprocess.render``), corrupts a ``--noisy`` share of the training
+Renders the built-in benchmark's images (``hpcfl.data.render``), corrupts a ``--noisy`` share of the training
 images with Gaussian noise of ``--severity``, and trains the small CNN centrally (Adam lr 3e-4, weight decay 5e-4,
 batch 32, plain cross-entropy, no augmentation). ``--batches grouped`` makes every batch all-clean or all-noisy,
 as a federated client's batches are. Prints balanced accuracy on the clean and the fully corrupted test set in

@@ -3,7 +3,9 @@
 Layout inside the run directory::
 
     checkpoint.json                  {"round": t, "dir": "checkpoint-000123"}: the one pointer, replaced atomically
-    checkpoint-000123/state.json     round, config digest, algorithm state, last weights, metrics lines so far
+    checkpoint-000123/state.json     round, config digest, algorithm state, last weights, metrics lines so far,
+                                     and the sha256 of every model file below (global_sha256, client_sha256),
+                                     which a resume checks before it trusts a file
     checkpoint-000123/global.npy     w^{t+1}, the model the next round starts from (float32, no pickle)
     checkpoint-000123/client_007.npy a client's kept local model, for algorithms that keep one (FedCE, FedGA),
                                      written by the rank that hosts the client
