@@ -4,8 +4,9 @@ Command (the Flower side needs Flower, ``pip install "flwr[simulation]"``; ``--o
 
     python -m benchmarks.flower [--rounds 6] [--workers 2] [--only hpcfl|flower] [--set KEY=VALUE ...]
 
-The same work on both sides: the built-in benchmark (``configs/default.toml`` plus ``--set`` overrides: 20 clients,
-the last 4 corrupted, the small GroupNorm CNN of width 16 on 32-px grayscale images), FedAvg with every client in
+The same work on both sides: the built-in benchmark (``configs/default.toml`` with ``runs.SMALL_CNN``, plus ``--set``
+overrides: 20 clients, the last 4 corrupted, the small GroupNorm CNN of width 16 from scratch on 32-px grayscale
+images), FedAvg with every client in
 every round, each client's local training by hpcfl's ``train_client`` (Adam lr 2e-3, weight decay 5e-4, batch 16,
 1 epoch, logit-adjusted CE with the client's class prior, ``BatchTransform``'s random affine + flip, generators
 seeded by ``hpcfl.seeds``: round 1's client losses are the same on both sides), and after every round the global
@@ -49,7 +50,7 @@ import time
 from pathlib import Path
 from statistics import median
 
-from benchmarks.runs import REPO, round_periods
+from benchmarks.runs import REPO, SMALL_CNN, round_periods
 
 GOAL = 0.5
 INSTALL = ("Flower is not importable here. Install it into an environment that also sees this one's packages:\n"
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
                    "or the one of the environment that holds mpi4py when mpiexec is not beside this one)")
     p.add_argument("--flower-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.flower_child:  # both sides: the small CNN from scratch, whatever configs/default.toml says
+        args.sets = [*SMALL_CNN, *args.sets]
     if args.rounds < 3 or args.workers < 1:
         p.error("--rounds must be at least 3 and --workers at least 1")
     if args.flower_child:

@@ -28,11 +28,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.runs import REPO, find_mpiexec, machine_line
+from benchmarks.runs import REPO, SMALL_CNN, find_mpiexec, machine_line
 
 GOAL = 1.2
 TINY = ["run.rounds=1", "benchmark.num_train=400", "benchmark.num_test=150", "benchmark.image_size=16",
-        "model.width=8"]
+        *SMALL_CNN, "model.width=8"]
 BARE = r"""
 import os, time
 def age():

@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The small CNN trained from scratch (hpcfl/config.py's defaults), which configs/default.toml replaces by resnet8 from
+# the built-in pretrained start: the comparisons against a bare loop or another framework pin it, so that both
+# sides build the same model and nothing is pretrained on one side only.
+SMALL_CNN = ["model.name=cnn", "model.width=16", "model.pretrained_path=", "train.lr=0.002"]
 
 
 def cpu_model() -> str:
