@@ -14,7 +14,8 @@ Adam (lr 2e-3, weight decay 5e-4), logit-adjusted cross-entropy with the client'
               image of a batch goes through torchvision's ``v2.RandomAffine(10, translate=(0.02, 0.02))`` and
               ``v2.RandomHorizontalFlip()`` (the reference's augmentation, per image as a Dataset applies it);
   (2) hpcfl   ``hpcfl.client.trainer.train_client`` on a ``ClientData``, with ``BatchTransform`` (the same affine and
-              flip per image, drawn for the whole batch at once, ``hpcfl/data/transforms.py``).
+              flip per image, drawn for the whole batch at once, ``hpcfl/data/transforms.py``), model and batches
+              in channels_last as a run has them by default (``train.channels_last``).
 
 Each repeat runs every variant once, in a rotating order; rates are medians over repeats, in images per second.
 The ratio hpcfl / bare with augmentation is the goal of issue #14 (>= 0.95); without augmentation it shows the
@@ -84,9 +85,12 @@ def hpcfl_epochs(images: torch.Tensor, labels: torch.Tensor, args, augment: bool
     torch.manual_seed(0)
     model = build_model("cnn", 5, 1, args.width, "", "group")
     cfg = TrainConfig(lr=2e-3, batch_size=args.batch, local_epochs=args.epochs, augment=augment)
+    if cfg.channels_last:  # as a run sets up its model and batches (federation.py), by default
+        model.to(memory_format=torch.channels_last)
     data = ClientData(0, images, labels, np.bincount(labels.numpy(), minlength=5))
     t0 = time.perf_counter()
-    train_client(model, data, cfg, BatchTransform(1), torch.Generator().manual_seed(0), "plain")
+    train_client(model, data, cfg, BatchTransform(1, "cpu", cfg.channels_last), torch.Generator().manual_seed(0),
+                 "plain")
     return time.perf_counter() - t0
 
 
