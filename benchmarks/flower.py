@@ -215,6 +215,7 @@ def main(argv=None) -> int:
                    "or the one of the environment that holds mpi4py when mpiexec is not beside this one)")
     p.add_argument("--flower-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    extra = list(args.sets)
     if not args.flower_child:  # both sides: the small CNN from scratch, whatever configs/default.toml says
         args.sets = [*SMALL_CNN, *args.sets]
     if args.rounds < 3 or args.workers < 1:
@@ -239,8 +240,8 @@ def main(argv=None) -> int:
     print(subprocess.run([args.hpcfl_python, "-c", "from benchmarks.runs import machine_line; print(machine_line())"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout, end="")
     print(f"setup: built-in benchmark (configs/default.toml), {cfg.benchmark.num_clients} clients, FedAvg, "
-          f"{args.rounds} rounds, medians over rounds 2..{args.rounds}; "
-          f"extra settings: {' '.join(args.sets) or 'none'}")
+          f"{args.rounds} rounds, medians over rounds 2..{args.rounds}; extra settings: {' '.join(extra) or 'none'}; "
+          f"model: {' '.join(SMALL_CNN)}")
     if "hpcfl" in sides:
         print(f"  hpcfl   mpiexec -n {args.workers + 1}: a server and {args.workers} client ranks, "
               f"torch threads {cfg.run.torch_threads} ({args.hpcfl_python})")

@@ -29,6 +29,7 @@ def test_flower_benchmark_runs_the_hpcfl_side_alone(data_cache):
     assert out.startswith("machine: ") and "\nsoftware: " in out, out
     assert re.search(r"^setup: built-in benchmark \(configs/default\.toml\), 20 clients, FedAvg, 3 rounds, medians "
                      r"over rounds 2\.\.3; extra settings: benchmark\.num_train=400 ", out, re.MULTILINE), out
+    assert "; model: model.name=cnn model.width=16 model.pretrained_path= " in out, out  # both sides: runs.SMALL_CNN
     assert re.search(r"^  hpcfl   mpiexec -n 3: a server and 2 client ranks, torch threads 1 ", out, re.MULTILINE)
     assert "  flower  " not in out and "ratio" not in out  # one side: no Flower line, no ratio
     rows = re.findall(r"^(hpcfl|flower)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", out, re.MULTILINE)

@@ -17,7 +17,7 @@ from preprocess.ich import CLASS_NAMES, load_dicom, main, read_kaggle_labels
 from hpcfl.data.partition import dirichlet_partition
 from preprocess.items import SkipItem, StopRequested
 from preprocess.pipeline import PROGRESS, SKIPPED, STOP_AFTER_ENV
-from tests.conftest import REPO, launch, read_metrics, sets
+from tests.conftest import FROM_SCRATCH, REPO, launch, read_metrics, sets
 from tests.fixtures import ct_pixels, make_dicom, make_rsna_folder, pydicom_file, rsna_label_rows
 
 
@@ -258,7 +258,7 @@ def test_the_shards_train_under_mpiexec(rsna, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 clients with" in proc.stdout and "skipped 9 item(s)" in proc.stdout
-    run = launch(3, ["--out", str(tmp_path / "run"), *sets(f"data.source={out}", "run.rounds=2", "model.width=8",
+    run = launch(3, ["--out", str(tmp_path / "run"), *sets(*FROM_SCRATCH, f"data.source={out}", "run.rounds=2", "model.width=8",
                                                            "train.batch_size=16")], timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = read_metrics(tmp_path / "run")

@@ -26,7 +26,7 @@ from hpcfl.run import parse_args
 from jobs.__main__ import main
 from jobs.cells import split_values
 from jobs.scripts import launch_block
-from tests.conftest import REPO, mpiexec
+from tests.conftest import FROM_SCRATCH, REPO, mpiexec
 
 CONFIG = str(REPO / "configs" / "default.toml")
 TEMPLATES = REPO / "jobs" / "templates"
@@ -293,7 +293,7 @@ def test_local_sweep_runs_every_cell_and_reports_per_corrupted_count(tmp_path):
     mpiexec()  # skip-or-fail early with the usual message when there is no MPI
     out_root = tmp_path / "local"
     tiny = ["run.rounds=2", "benchmark.num_train=200", "benchmark.num_test=100", "benchmark.image_size=16",
-            "model.width=4", f"data.cache_dir={tmp_path / 'data'}"]
+            *FROM_SCRATCH, "model.width=4", f"data.cache_dir={tmp_path / 'data'}"]
     cmd = [sys.executable, "-m", "jobs", "sweep", "--config", CONFIG, "--algorithms", "fedavg", "fedism",
            "--seeds", "0", *[a for s in tiny for a in ("--set", s)], "--grid", "benchmark.num_corrupted=2,4",
            "--ranks", "3", "--launcher", "local", "--out-root", str(out_root), "--submit"]

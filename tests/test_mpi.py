@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, final_vector, launch, read_metrics, sets
+from tests.conftest import FROM_SCRATCH, TINY, final_vector, launch, read_metrics, sets
 
 pytestmark = pytest.mark.mpi
 
@@ -106,7 +106,7 @@ def test_server_memory_does_not_grow_with_the_number_of_clients(tmp_path, data_c
     rss = {}
     for n_clients in (4, 16):
         p = launch(3, ["--out", str(tmp_path / f"c{n_clients}"),
-                       *sets("run.rounds=1", "benchmark.num_train=128", "benchmark.num_test=20",
+                       *sets(*FROM_SCRATCH, "run.rounds=1", "benchmark.num_train=128", "benchmark.num_test=20",
                              "benchmark.image_size=16", "model.width=160", f"benchmark.num_clients={n_clients}",
                              "benchmark.num_corrupted=1", f"data.cache_dir={data_cache}")], timeout=240)
         assert p.returncode == 0, p.stderr[-3000:]

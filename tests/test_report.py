@@ -18,6 +18,7 @@ from hpcfl.config import dumps_toml
 from hpcfl.data.shards import Manifest, ShardEntry
 from hpcfl.report import corrupted_clients, load_run, report
 from hpcfl.report.cli import expand_sweep_roots, main
+from tests.conftest import FROM_SCRATCH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -332,7 +333,7 @@ def test_the_three_kinds_of_png(tmp_path):
 def test_report_on_real_runs(tmp_path, capsys):
     """python -m hpcfl.run for 2 methods x 2 seeds on a tiny benchmark, two runs at a time, then the report."""
     tiny = ["run.rounds=5", "benchmark.num_train=200", "benchmark.num_test=100", "benchmark.image_size=16",
-            "model.width=4"]
+            *FROM_SCRATCH, "model.width=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(alg, seed):  # one benchmark cache per method: never two processes building the same one
