@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.conftest import FROM_SCRATCH
+
 HERE = Path(__file__).resolve().parent
 STORE = HERE / "fingerprints.json"
 
 # The short run: the tests' tiny benchmark, with held-out parts so that the per-client evaluation is covered too.
 SETTINGS = ["run.rounds=3", "benchmark.num_train=400", "benchmark.num_test=150", "benchmark.image_size=16",
-            "model.width=8", "train.batch_size=16", "data.val_fraction=0.2",
-            "model.name=cnn", "model.pretrained_path=", "train.lr=0.002", "algorithm.rho=0.05"]  # conftest.FROM_SCRATCH
+            "model.width=8", "train.batch_size=16", "data.val_fraction=0.2", *FROM_SCRATCH]
 # Every registered method in its reference form, plus the papers' variants.
 VARIANTS = [("qfedavg", "qffl"), ("afl", "minimax"), ("fairfed", "corrected")]
 # The numbers a metrics line carries; timings (time_s, elapsed_s, rank_compute_s) are left out.

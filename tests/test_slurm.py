@@ -76,6 +76,16 @@ def tiny(tmp_path: Path, *more: str) -> list[str]:
     return [*TINY, "run.rounds=2", f"data.cache_dir={tmp_path / 'data'}", *more]
 
 
+def submit_sweep(out_root: Path, algorithm: str, settings: list[str], *more: str) -> str:
+    """``python -m jobs sweep --submit`` of one algorithm, seed 0, 3 ranks per cell; returns what it printed."""
+    p = subprocess.run([sys.executable, "-m", "jobs", "sweep", "--algorithms", algorithm, "--seeds", "0",
+                        *[a for s in settings for a in ("--set", s)], *more, "--ranks", "3", "--time", "00:10:00",
+                        "--python", sys.executable, "--out-root", str(out_root), "--submit"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
 def test_the_single_node_template_runs_three_ranks_under_srun(slurm, tmp_path):
     """jobs/templates/single_node.sbatch as a user edits it: the #SBATCH lines and the settings block only."""
     text = (REPO / "jobs" / "templates" / "single_node.sbatch").read_text()
@@ -103,12 +113,8 @@ def test_a_job_array_sweep_and_its_status_with_a_failing_cell(slurm, tmp_path):
     """python -m jobs sweep --submit: a grid of 2 cells (no failure; a rank that fails in round 1) = 2 array tasks,
     side by side; jobs status says which cell finished and why the other failed."""
     out_root = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "jobs", "sweep", "--algorithms", "fedism", "--seeds", "0",
-                        *[a for s in tiny(tmp_path) for a in ("--set", s)], "--grid", 'debug.fail_at="",1:1',
-                        "--ranks", "3", "--time", "00:10:00", "--python", sys.executable, "--out-root",
-                        str(out_root), "--submit"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    job = re.search(r"submitted job array (\d+): 2 tasks", p.stdout).group(1)
+    submitted = submit_sweep(out_root, "fedism", tiny(tmp_path), "--grid", 'debug.fail_at="",1:1')
+    job = re.search(r"submitted job array (\d+): 2 tasks", submitted).group(1)
     wait_for_job(job, 400)
     states = {}
     for task in range(2):
@@ -133,12 +139,8 @@ def test_preemption_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path):
     settings = [*TINY, "run.rounds=10", "run.checkpoint_every=100", "algorithm.name=fedga",
                 f"data.cache_dir={tmp_path / 'data'}"]
     out_root = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "jobs", "sweep", "--algorithms", "fedga", "--seeds", "0",
-                        *[a for s in settings if not s.startswith("algorithm.") for a in ("--set", s)],
-                        "--ranks", "3", "--time", "00:10:00", "--python", sys.executable, "--out-root",
-                        str(out_root), "--submit"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    job = re.search(r"submitted job array (\d+)", p.stdout).group(1)
+    submitted = submit_sweep(out_root, "fedga", [s for s in settings if not s.startswith("algorithm.")])
+    job = re.search(r"submitted job array (\d+)", submitted).group(1)
     run = out_root / "fedga-s0"
     deadline = time.time() + 180
     while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2):

@@ -40,13 +40,13 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
 def sharpness_ratio(run: Run) -> np.ndarray:
     """Per evaluated round: the corrupted clients' mean sharpness ÷ the clean clients' (FedISM's premise is that it is
     above 1); NaN where a line has no sharpness (methods that do not measure it) or the corrupted clients are unknown."""
-    corrupted = corrupted_clients(run) or []
+    corrupted = set(corrupted_clients(run) or [])
     out = []
     for line in run.lines:
         s = np.asarray(line.get("stats", {}).get("sharpness", []), dtype=np.float64)
-        bad = [c for c in corrupted if c < len(s)]
-        clean = [c for c in range(len(s)) if c not in set(corrupted)]
-        out.append(s[bad].mean() / s[clean].mean() if bad and clean and s[clean].mean() > 0 else np.nan)
+        is_corrupted = np.isin(np.arange(len(s)), list(corrupted))
+        bad, clean = s[is_corrupted], s[~is_corrupted]
+        out.append(bad.mean() / clean.mean() if bad.size and clean.size and clean.mean() > 0 else np.nan)
     return np.asarray(out)
 
 
