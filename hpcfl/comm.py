@@ -97,9 +97,19 @@ class Comm:
     def barrier(self) -> None:
         raise NotImplementedError
 
+    def gather_rows(self, send: np.ndarray, rows: list[int]) -> np.ndarray | None:
+        """Concatenate every rank's ``send`` (float32, ``rows[r]`` rows of equal width on rank r) on the server,
+        in rank order; None elsewhere."""
+        raise NotImplementedError
+
     def local_client_rank(self) -> int:
         """Index of this rank among the client ranks on the same node (for GPU mapping)."""
         return 0
+
+    def ranks_outnumber_cores(self) -> bool:
+        """Do the ranks on the server's node outnumber the cores they may run on (the union of their CPU
+        affinities)? The same answer on every rank; a collective."""
+        return False
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now."""
@@ -131,6 +141,9 @@ class SingleProcessComm(Comm):
 
     def barrier(self):
         pass
+
+    def gather_rows(self, send, rows):
+        return send
 
     def abort(self, code=1):
         sys.stderr.flush()
@@ -246,6 +259,28 @@ class MPIComm(Comm):
 
     def barrier(self):
         self._collective(lambda: None)
+
+    def gather_rows(self, send, rows):
+        send = np.ascontiguousarray(send, dtype=np.float32)
+        if self.rank != SERVER:
+            return self._collective(lambda: self.comm.Gatherv(send, None, root=SERVER))
+        width = send.shape[1] if send.ndim == 2 else 1
+        out = np.empty((sum(rows), width), dtype=np.float32)
+        counts = [r * width for r in rows]
+        displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        return self._collective(lambda: self.comm.Gatherv(send, [out, counts, displacements, self._MPI.FLOAT],
+                                                          root=SERVER) or out)
+
+    def ranks_outnumber_cores(self):
+        node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+        mine = np.zeros(os.cpu_count() or 1, dtype=np.int32)
+        mine[[c for c in os.sched_getaffinity(0) if c < len(mine)]] = 1
+        usable = np.empty_like(mine)
+        node.Allreduce(mine, usable, op=self._MPI.MAX)
+        verdict = np.array([node.Get_size() > int(usable.sum())], dtype=np.int64)
+        node.Free()
+        self.comm.Bcast(verdict, root=SERVER)  # the server's node decides
+        return bool(verdict[0])
 
     def local_client_rank(self):
         # Ranks sharing a node (shared memory); the server, if on this node, does not count. A collective: every

@@ -164,6 +164,12 @@ AlgorithmConfig = _algorithm_section()
 class EvalConfig:
     every: int = option(1, lo=1, doc="evaluate every k rounds (and always after the last)")
     batch_size: int = option(256, lo=1, doc="evaluation batch size")
+    placement: str = option("auto", choices=("auto", "server", "clients"),
+                            doc="under MPI, who tests the global model on the test sets: 'server' (overlapped with "
+                                "the next round's training: free when the server has a core of its own), 'clients' "
+                                "(each client rank its share of the rows, right after the aggregation, gathered to "
+                                "the server), 'auto' = 'clients' when the ranks on the server's node outnumber "
+                                "their cores; the metrics are the same either way")
 
 
 @dataclass
@@ -263,7 +269,8 @@ def from_dict(raw: dict) -> Config:
 
 
 # Keys that may change between a run and its resumption without changing its numbers.
-RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every"), ("run", "round_timeout_s"), ("run", "watchdog_floor_s")}
+RESUME_NEUTRAL = {("run", "out"), ("run", "checkpoint_every"), ("run", "round_timeout_s"), ("run", "watchdog_floor_s"),
+                  ("eval", "placement")}
 
 
 def config_differences(old: Config, new: Config) -> list[str]:

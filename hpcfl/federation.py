@@ -18,7 +18,7 @@ from hpcfl.client.trainer import ClientData
 from hpcfl.comm import Comm, assign_clients
 from hpcfl.config import Config
 from hpcfl.data.builtin import build, builtin_dir
-from hpcfl.data.shards import Manifest, check_directory, read_checked
+from hpcfl.data.shards import Manifest, check_directory, read_checked, read_rows
 from hpcfl.data.transforms import BatchTransform
 from hpcfl.errors import UsageError
 from hpcfl.flat import FlatLayout
@@ -53,7 +53,13 @@ class Federation:
     algorithm: Algorithm
     clients: dict[int, ClientData] = field(default_factory=dict)  # hosted clients' training parts
     val_parts: dict[int, ClientData | None] = field(default_factory=dict)  # and held-out parts
-    test_sets: dict[str, tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)  # server only
+    # The server: each test set's images and labels (images None when the client ranks test). Under
+    # eval.placement 'clients': rows of each test set per rank (rank order; 0 for the server) and this client
+    # rank's share of the images.
+    test_sets: dict[str, tuple[torch.Tensor | None, np.ndarray]] = field(default_factory=dict)
+    test_on_clients: bool = False
+    test_rows: dict[str, list[int]] = field(default_factory=dict)
+    test_shares: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_clients(self) -> int:
@@ -97,6 +103,25 @@ def pick_device(cfg, comm: Comm) -> torch.device:
     torch.cuda.set_device(device)  # before any other CUDA call of this rank
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the reference
     return device
+
+
+def test_on_clients(cfg, comm: Comm) -> bool:
+    """eval.placement: may the client ranks test the global model (not the server)? 'auto' asks whether the ranks
+    on the server's node outnumber its cores: then the server's evaluation would take a core from training.
+    Every rank calls this (the core count is a collective under 'auto')."""
+    if comm.size == 1:
+        return False
+    if cfg.eval.placement == "auto":
+        return comm.ranks_outnumber_cores()
+    return cfg.eval.placement == "clients"
+
+
+def split_rows(n: int, batch_size: int, parts: int) -> list[int]:
+    """Rows of ``parts`` consecutive shares of ``n`` rows, cut at multiples of ``batch_size``: every share's
+    evaluation batches are batches of the whole set's, so the predictions are the same bits as the server's."""
+    batches = -(-n // batch_size)
+    bounds = [min(n, (k * batches // parts) * batch_size) for k in range(parts + 1)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def prepare_data(cfg, comm: Comm, where: Where) -> Path:
@@ -204,8 +229,20 @@ def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Fe
         fed.clients[cid], fed.val_parts[cid] = load_client(data_dir, manifest, cid, cfg.data.val_fraction,
                                                            cfg.run.seed, device)
     where.client = None
-    if comm.is_server:
-        for entry in manifest.test_sets:
+    fed.test_on_clients = test_on_clients(cfg, comm)
+    for entry in manifest.test_sets:
+        if fed.test_on_clients:
+            rows = [0, *split_rows(entry.n, cfg.eval.batch_size, comm.num_client_ranks)]
+            fed.test_rows[entry.name] = rows
+            if not comm.is_server:
+                start = sum(rows[:comm.rank])
+                fed.test_shares[entry.name] = torch.from_numpy(read_rows(data_dir, entry, start,
+                                                                         start + rows[comm.rank]))
+        if comm.is_server:
             shard = read_checked(data_dir, entry, manifest)
-            fed.test_sets[entry.name] = (torch.from_numpy(shard.images), shard.labels)
+            images = None if fed.test_on_clients else torch.from_numpy(shard.images)
+            fed.test_sets[entry.name] = (images, shard.labels)
+    if comm.is_server and fed.test_on_clients:
+        log.info("the client ranks test the global model on the test sets, each its share of the rows "
+                 "(eval.placement = %s)", cfg.eval.placement)
     return fed

@@ -117,31 +117,40 @@ class Progress:
 
 
 class ServerRecord:
-    """The server's record of the run: test-set evaluation, metrics lines, progress. Under MPI the evaluation of
-    w^{t+1} is deferred to the next round's start, while the clients train (at the latest before a checkpoint
-    or at the end); alone, the server evaluates at once."""
+    """The server's record of the run: test-set evaluation, metrics lines, progress. Under MPI the server's
+    evaluation of w^{t+1} is deferred to the next round's start, while the clients train (at the latest before a
+    checkpoint or at the end); alone, the server evaluates at once. Under eval.placement 'clients' the client
+    ranks have tested the model already: ``add`` receives the test sets' probabilities, and only the metrics
+    are left for later."""
 
     def __init__(self, fed, lines: list[dict], start: int):
-        self.fed, self.pending = fed, None
+        self.fed = fed
+        self.pending: tuple | None = None  # (w^{t+1} or None, the partial line, the probabilities or None)
         self.runlog = RunLog(fed.out_dir, lines)
         self.progress = Progress(fed.cfg.run.rounds, start, enabled=sys.stderr.isatty())
 
-    def add(self, vec: np.ndarray, line: dict) -> None:
-        self.pending = (vec.copy(), line)
+    def add(self, vec: np.ndarray, line: dict, probabilities: dict[str, np.ndarray] | None = None) -> None:
+        self.pending = (None if probabilities is not None else vec.copy(), line, probabilities)
         if self.fed.comm.size == 1 or line["round"] == self.fed.cfg.run.rounds - 1:
             self.catch_up()
 
     def catch_up(self) -> None:
-        """Test the pending model on every test set, complete its metrics line, log it."""
+        """Test the pending model on every test set (unless the client ranks did), complete its metrics line,
+        log it."""
         if self.pending is None:
             return
-        (vec, partial), fed = self.pending, self.fed
-        fed.layout.load_vector(fed.model, vec)
-        results = {name: classification_metrics(labels, predict_proba(fed.model, images, fed.transform,
-                                                                      fed.cfg.eval.batch_size))
-                   for name, (images, labels) in fed.test_sets.items()}
+        (vec, partial, probabilities), fed = self.pending, self.fed
+        if probabilities is None:
+            fed.layout.load_vector(fed.model, vec)
+            probabilities = {name: predict_proba(fed.model, images, fed.transform, fed.cfg.eval.batch_size)
+                             for name, (images, _) in fed.test_sets.items()}
+        self._log(partial, probabilities)
+        self.pending = None
+
+    def _log(self, partial: dict, probabilities: dict[str, np.ndarray]) -> None:
+        results = {name: classification_metrics(labels, probabilities[name])
+                   for name, (_, labels) in self.fed.test_sets.items()}
         line = {"round": partial["round"], "algorithm": partial["algorithm"], "metrics": results,
                 "gap": gaps(results), **partial}
         self.runlog.add(line)
-        self.progress.round_done(progress_text(line, fed.cfg.run.rounds))
-        self.pending = None
+        self.progress.round_done(progress_text(line, self.fed.cfg.run.rounds))

@@ -16,7 +16,8 @@ ranks 1..W-1 host the clients (``comm.my_clients``). Every rank makes the same c
                  (in fixed point by default, so the sum is the same for any grouping: hpcfl/aggregate.py)
               6. Bcast w^{t+1}: the next round's model, and the model of the per-client evaluation
               7. evaluation on evaluated rounds: each client on its held-out part (a table of [bacc, acc], one
-                 Reduce), the server on every test set (deferred under MPI while the clients train round t+1)
+                 Reduce), the server on every test set (deferred under MPI while the clients train round t+1);
+                 under eval.placement 'clients' each client rank on its share of the rows, one Gatherv per set
               8. Bcast [checkpoint?, stop?]; checkpoint: each rank writes its part, the server commits
 
 The server holds one global vector, one accumulator and one model: its memory does not grow with the
@@ -257,6 +258,7 @@ def evaluate(fed: Federation, s: RoundState, record: ServerRecord | None, t_star
             held_out[cid] = (m["bacc"], m["acc"])
         fed.where.client = None
         held_out.sum_to_server(fed.comm)
+    probabilities = test_on_client_ranks(fed, s) if fed.test_on_clients else None
     if record is None:
         return
     line = {"round": t, "algorithm": cfg.algorithm.name, "weights": [float(w) for w in s.weights], "keep": s.keep,
@@ -268,7 +270,22 @@ def evaluate(fed: Federation, s: RoundState, record: ServerRecord | None, t_star
     # where the round's time went: each client rank's own computing, the rest is protocol and waiting
     line["rank_compute_s"] = [float(s.training["compute_s"][group].sum()) for group in fed.assignment]
     line.update(time_s=time.time() - s.started_s, elapsed_s=time.time() - t_start)
-    record.add(s.global_vec, line)
+    record.add(s.global_vec, line, probabilities)
+
+
+def test_on_client_ranks(fed: Federation, s: RoundState) -> dict[str, np.ndarray] | None:
+    """eval.placement 'clients': each client rank predicts its share of every test set's rows with w^{t+1}, at
+    once (no rank waits for a core the server's evaluation holds); the server gathers the probabilities."""
+    if not fed.is_server:
+        fed.layout.load_vector(fed.model, s.global_vec)
+    probabilities = {}
+    for name, rows in fed.test_rows.items():
+        share = fed.test_shares.get(name)
+        mine = np.zeros((0, fed.num_classes), dtype=np.float32)
+        if share is not None and len(share):
+            mine = predict_proba(fed.model, share, fed.transform, fed.cfg.eval.batch_size)
+        probabilities[name] = fed.comm.gather_rows(mine, rows)
+    return probabilities if fed.is_server else None
 
 
 def checkpoint_or_stop(fed: Federation, s: RoundState, record: ServerRecord | None) -> bool:

@@ -140,6 +140,7 @@ def record_start(fed, mode: int, start: int) -> None:
         "hpcfl_version": __version__, "world_size": comm.size, "data_dir": str(fed.data_dir),
         "num_clients": fed.num_clients, "num_classes": fed.num_classes, "class_names": fed.manifest.class_names,
         "corrupted_clients": fed.corrupted, "test_sets": list(fed.test_sets), "num_parameters": fed.layout.size,
+        "test_sets_on": "clients" if fed.test_on_clients else "server",
         "assignment": {str(r + first_rank): g for r, g in enumerate(fed.assignment)},
         "torch_version": torch.__version__}, resumed_at=start if mode == RESUME else None, world_size=comm.size)
     log.info("world size %d, %d clients (corrupted: %s), P = %d parameters, data %s", comm.size, fed.num_clients,

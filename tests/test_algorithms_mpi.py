@@ -22,12 +22,14 @@ PRETRAINED = ["model.name=resnet8", "model.pretrained_path=builtin", "pretrain.i
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
-    """Every case of tests/fingerprint.py, single-rank and under mpiexec -n 3 (one launch each)."""
+    """Every case of tests/fingerprint.py, single-rank and under mpiexec -n 3 (one launch each). Under MPI every
+    other case is tested on the test sets by the client ranks (eval.placement), the rest by the server."""
     root = tmp_path_factory.mktemp("algos")
     for n in (1, 3):
         jobs = [["--out", str(root / f"{name}-{variant}-n{n}"),
                  *sets(*fingerprint.SETTINGS, f"data.cache_dir={data_cache}", f"algorithm.name={name}",
-                       f"algorithm.variant={variant}")] for name, variant in CASES]
+                       f"algorithm.variant={variant}", f"eval.placement={('clients', 'server')[k % 2]}")]
+                for k, (name, variant) in enumerate(CASES)]
         jobs.append(["--out", str(root / f"resnet8-builtin-n{n}"),
                      *sets(*fingerprint.SETTINGS, *PRETRAINED, f"data.cache_dir={data_cache}")])
         (root / f"jobs{n}.json").write_text(json.dumps(jobs))

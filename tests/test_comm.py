@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from hpcfl.comm import SingleProcessComm, assign_clients
+from hpcfl.federation import split_rows
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 5, 20])
@@ -37,3 +38,16 @@ def test_local_comm_is_the_identity_and_hosts_everything():
     comm.reduce_sum(buf, recv)
     np.testing.assert_array_equal(recv, buf)
     assert comm.reduce_sum(buf, buf) is buf
+
+
+@pytest.mark.parametrize("n,batch,parts", [(150, 32, 2), (150, 32, 5), (150, 256, 2), (1000, 256, 4), (7, 1, 3),
+                                           (0, 8, 2), (513, 64, 8)])
+def test_test_set_shares_cover_every_row_once_cut_at_batch_boundaries(n, batch, parts):
+    """eval.placement 'clients': each client rank's share of a test set starts at a multiple of the evaluation
+    batch size, so its batches are batches of the whole set (the server's predictions, bit for bit)."""
+    rows = split_rows(n, batch, parts)
+    assert len(rows) == parts and sum(rows) == n and min(rows) >= 0
+    starts = np.cumsum([0, *rows])[:-1]
+    assert all(start % batch == 0 for start, r in zip(starts, rows) if r)
+    batches = -(-n // batch)
+    assert max(rows) <= -(-batches // parts) * batch  # balanced: no share more than its part of the batches

@@ -7,12 +7,15 @@ several assertions.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import FROM_SCRATCH, TINY, final_vector, launch, read_metrics, sets
+from tests.conftest import FROM_SCRATCH, REPO, TINY, final_vector, launch, mpiexec, read_metrics, sets
 
 pytestmark = pytest.mark.mpi
 
@@ -20,11 +23,14 @@ pytestmark = pytest.mark.mpi
 @pytest.fixture(scope="module")
 def equal_runs(tmp_path_factory, data_cache):
     """The same tiny config under mpiexec -n 3 (which builds the benchmark: rank 0 builds, the others wait),
-    then single-rank, then mpiexec -n 6."""
+    then single-rank, then mpiexec -n 6. The server tests the model on the test sets under -n 3, the 5 client
+    ranks under -n 6, each its share (evaluation batches of 32: 150 test images make 5 shares)."""
     root = tmp_path_factory.mktemp("equal")
     procs = {}
+    placement = {1: "auto", 3: "server", 6: "clients"}
     for n in (3, 1, 6):
-        procs[n] = launch(n, ["--out", str(root / f"n{n}"), *sets(*TINY, f"data.cache_dir={data_cache}")])
+        procs[n] = launch(n, ["--out", str(root / f"n{n}"), *sets(*TINY, f"data.cache_dir={data_cache}",
+                                                                  "eval.batch_size=32", f"eval.placement={placement[n]}")])
         assert procs[n].returncode == 0, procs[n].stderr[-3000:]
     return root, procs
 
@@ -36,12 +42,8 @@ def test_same_numbers_single_rank_and_under_mpi(equal_runs):
     for n in (3, 6):
         for a, b in zip(runs[1], runs[n]):
             assert a["weights"] == pytest.approx(b["weights"], abs=1e-12)
-            for test_set in a["metrics"]:
-                for k, v in a["metrics"][test_set].items():
-                    if k == "confusion":
-                        assert b["metrics"][test_set][k] == v
-                    else:
-                        assert b["metrics"][test_set][k] == pytest.approx(v, abs=1e-5, nan_ok=True), (n, test_set, k)
+            # whoever tested: the same predictions, bit for bit (compared as JSON text: NaN equals NaN there)
+            assert json.dumps(a["metrics"]) == json.dumps(b["metrics"]), n
         # the fixed-point aggregation makes the models bitwise equal, not only the metrics
         np.testing.assert_array_equal(final_vector(root / f"n{n}"), final_vector(root / "n1"))
 
@@ -61,6 +63,9 @@ def test_run_directory_contents_and_progress_lines(equal_runs):
     for line in lines:  # each client rank's own compute time, within the round's time
         assert len(line["rank_compute_s"]) == 5 and 0 < max(line["rank_compute_s"]) <= line["time_s"]
     info = json.loads((run / "run.json").read_text())
+    assert info["test_sets_on"] == "clients" and "the client ranks test the global model" in procs[6].stdout
+    assert json.loads((root / "n3" / "run.json").read_text())["test_sets_on"] == "server"
+    assert json.loads((root / "n1" / "run.json").read_text())["test_sets_on"] == "server"
     assert info["world_size"] == 6 and sorted(sum(info["assignment"].values(), [])) == list(range(20))
     assert set(info["assignment"]) == {"1", "2", "3", "4", "5"}
     assert "rounds = 3" in (run / "config.toml").read_text()
@@ -70,6 +75,24 @@ def test_run_directory_contents_and_progress_lines(equal_runs):
     assert "[rank 3]" in (run / "logs" / "rank_3.log").read_text()
     progress = [line for line in procs[6].stdout.splitlines() if re.search(r"round \d+/3 ", line)]
     assert len(progress) == 3 and all("[rank 0]" in line for line in progress)  # one line per round, rank 0
+
+
+def test_auto_placement_tests_on_the_client_ranks_when_ranks_outnumber_cores(tmp_path, data_cache):
+    """eval.placement = 'auto': two ranks pinned to one core (CPU affinity, inherited from the launcher) leave no
+    core for the server's evaluation, so the client rank tests; two ranks free on two cores, the server."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    for name, pinned in (("pinned", {cores[0]}), ("free", set(cores))):
+        cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "hpcfl.run", "--out", str(tmp_path / name),
+               *sets(*TINY, f"data.cache_dir={data_cache}", "run.rounds=1")]
+        p = subprocess.run(["timeout", "-k", "10", "120", *cmd], cwd=REPO, capture_output=True, text=True,
+                           preexec_fn=lambda cpus=pinned: os.sched_setaffinity(0, cpus))
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "pinned" / "run.json").read_text())["test_sets_on"] == "clients"
+    assert json.loads((tmp_path / "free" / "run.json").read_text())["test_sets_on"] == "server"
+    assert json.dumps(read_metrics(tmp_path / "pinned")[0]["metrics"]) == \
+        json.dumps(read_metrics(tmp_path / "free")[0]["metrics"])
 
 
 def test_a_failure_on_any_rank_ends_the_job_and_names_it(tmp_path, data_cache):

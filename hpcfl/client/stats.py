@@ -19,6 +19,7 @@ drawn from the client's ``stats`` stream; with ``false`` the images are used as 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,7 +86,9 @@ def balanced_accuracy(ctx: StatsContext) -> float:
         labels.append(y.cpu())
     from sklearn.metrics import balanced_accuracy_score  # here: only the ranks that measure it pay its import
 
-    return float(balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(preds).numpy()))
+    with warnings.catch_warnings():  # a client's shard often lacks a class the model predicts: sklearn warns
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(preds).numpy()))
 
 
 @statistic("loss")

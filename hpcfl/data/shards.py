@@ -306,6 +306,21 @@ def check_directory(directory: str | Path, manifest: Manifest) -> None:
             raise ShardError(f"{path}: class counts {counts}, the manifest says {entry.class_counts}")
 
 
+def read_rows(directory: str | Path, entry: ShardEntry, start: int, stop: int) -> np.ndarray:
+    """Images ``start:stop`` (uint8 [k, H, W, C]) of the shard an entry names, reading no other rows: a client
+    rank's share of a test set. The server checks the whole shard (``check_directory``, ``read_checked``)."""
+    path = shard_path(directory, entry)
+    try:
+        with h5py.File(path, "r") as f:
+            images = f["images"][start:stop]
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ShardError(f"{path}: not a readable hpcfl shard ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != stop - start:
+        raise ShardError(f"{path}: rows {start}:{stop} are {images.dtype} {tuple(images.shape)}, expected "
+                         f"{stop - start} uint8 images [n, H, W, C]")
+    return images
+
+
 def shard_path(directory: str | Path, entry: ShardEntry) -> Path:
     """The file an entry names, which must exist inside the directory (a symbolic link may not lead out of it)."""
     directory = Path(directory)
