@@ -272,23 +272,31 @@ class MPIComm(Comm):
                                                           root=SERVER) or out)
 
     def ranks_outnumber_cores(self):
-        node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
         mine = np.zeros(os.cpu_count() or 1, dtype=np.int32)
         mine[[c for c in os.sched_getaffinity(0) if c < len(mine)]] = 1
-        usable = np.empty_like(mine)
-        node.Allreduce(mine, usable, op=self._MPI.MAX)
-        verdict = np.array([node.Get_size() > int(usable.sum())], dtype=np.int64)
-        node.Free()
-        self.comm.Bcast(verdict, root=SERVER)  # the server's node decides
-        return bool(verdict[0])
+
+        def ask():  # once every rank has arrived (a stopped rank is then named by the watchdog, as anywhere)
+            node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+            usable = np.empty_like(mine)
+            node.Allreduce(mine, usable, op=self._MPI.MAX)
+            verdict = np.array([node.Get_size() > int(usable.sum())], dtype=np.int64)
+            node.Free()
+            self.comm.Bcast(verdict, root=SERVER)  # the server's node decides
+            return bool(verdict[0])
+
+        return self._collective(ask)
 
     def local_client_rank(self):
         # Ranks sharing a node (shared memory); the server, if on this node, does not count. A collective: every
         # rank must call it.
-        node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
-        ranks = np.empty(node.Get_size(), dtype=np.int64)
-        node.Allgather(np.array([self.rank], dtype=np.int64), ranks)
-        node.Free()
+        def ask():  # once every rank has arrived, as every collective here
+            node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
+            found = np.empty(node.Get_size(), dtype=np.int64)
+            node.Allgather(np.array([self.rank], dtype=np.int64), found)
+            node.Free()
+            return found
+
+        ranks = self._collective(ask)
         clients_here = [int(r) for r in sorted(ranks) if r != SERVER]
         return clients_here.index(self.rank) if self.rank in clients_here else 0
 

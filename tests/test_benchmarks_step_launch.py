@@ -49,4 +49,5 @@ def test_launch_benchmark_reads_every_ranks_start_up_line():
     assert m, out
     imports, ready, first, ratio = map(float, m.groups())
     assert 0 < imports <= ready <= first and base > 0, out
-    assert ratio == pytest.approx(ready / base, abs=0.011)
+    # the ratio is of the unrounded medians; ready and base are printed to 0.01 s, ratio to 0.01
+    assert ratio == pytest.approx(ready / base, abs=0.005 + (ready / base) * 0.005 * (1 / ready + 1 / base))
