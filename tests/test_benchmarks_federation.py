@@ -48,7 +48,7 @@ def test_scaling_benchmark_runs_1_and_2_client_ranks_to_the_same_model(data_cach
 
 
 def test_memory_benchmark_reports_the_server_peak_for_both_client_counts(data_cache):
-    out = bench("memory", "--model", "cnn", "--set", "benchmark.image_size=16", "--set",
+    out = bench("memory", "--model", "cnn", "--ranks", "2", "--set", "benchmark.image_size=16", "--set",
                 f"data.cache_dir={data_cache}", *[a for s in FROM_SCRATCH for a in ("--set", s)])
     peaks = re.findall(r"^(5|20)\s+([0-9.]+)$", out, re.MULTILINE)
     assert [p[0] for p in peaks] == ["5", "20"] and all(float(p[1]) > 50 for p in peaks), out

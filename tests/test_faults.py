@@ -103,7 +103,7 @@ def test_a_rank_stopped_during_setup_or_a_stopped_server_is_named_once(tmp_path)
     named; when the server itself is stopped, one client rank says so, once."""
     run, cache = tmp_path / "run", tmp_path / "fresh-cache"  # a fresh cache: setup builds the benchmark
     proc = start(3, ["--out", str(run), *sets(*TINY, f"data.cache_dir={cache}", "benchmark.num_train=3000",
-                                               "benchmark.image_size=32", "run.watchdog_floor_s=3")])
+                                               "benchmark.image_size=32", "run.watchdog_floor_s=2")])
     pid = None
     try:
         wait_for(lambda: trace(run, 2).get("phase") == "data", what="rank 2 in setup")
@@ -135,8 +135,9 @@ def test_a_rank_stopped_during_setup_or_a_stopped_server_is_named_once(tmp_path)
 
 def test_a_rank_stopped_during_start_up_does_not_hang_the_job(tmp_path, data_cache):
     """SIGSTOP of a rank a moment after launch, before MPI is up or the run directory is decided: a timer outside
-    the interpreter ends the waiting ranks after the setup's limit (4 x run.watchdog_floor_s)."""
-    args = ["--out", str(tmp_path / "run"), *sets(*TINY, f"data.cache_dir={data_cache}", "run.watchdog_floor_s=2")]
+    the interpreter ends the waiting ranks after the setup's limit (4 x run.watchdog_floor_s: 4 s here, while the
+    waiting ranks spin inside MPI's start-up)."""
+    args = ["--out", str(tmp_path / "run"), *sets(*TINY, f"data.cache_dir={data_cache}", "run.watchdog_floor_s=1")]
     proc = subprocess.Popen([mpiexec(), "-n", "3", sys.executable, "-m", "hpcfl.run", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     pid = None

@@ -296,7 +296,7 @@ def test_local_sweep_runs_every_cell_and_reports_per_corrupted_count(tmp_path):
             *FROM_SCRATCH, "model.width=4", f"data.cache_dir={tmp_path / 'data'}"]
     cmd = [sys.executable, "-m", "jobs", "sweep", "--config", CONFIG, "--algorithms", "fedavg", "fedism",
            "--seeds", "0", *[a for s in tiny for a in ("--set", s)], "--grid", "benchmark.num_corrupted=2,4",
-           "--ranks", "3", "--launcher", "local", "--out-root", str(out_root), "--submit"]
+           "--ranks", "2", "--launcher", "local", "--out-root", str(out_root), "--submit"]
     p = subprocess.run(["timeout", "-k", "10", "400", *cmd], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "hpcfl sweep summary" in p.stdout

@@ -331,22 +331,18 @@ def test_the_three_kinds_of_png(tmp_path):
 # ---------------------------------------------------------------------------------------------- real runs
 
 def test_report_on_real_runs(tmp_path, capsys):
-    """python -m hpcfl.run for 2 methods x 2 seeds on a tiny benchmark, two runs at a time, then the report."""
+    """python -m hpcfl.run for 2 methods x 2 seeds on a tiny benchmark (one process: tests/run_many.py), then the
+    report."""
     tiny = ["run.rounds=5", "benchmark.num_train=200", "benchmark.num_test=100", "benchmark.image_size=16",
             *FROM_SCRATCH, "model.width=4"]
+    jobs = [[*[f"--set={s}" for s in [*tiny, f"algorithm.name={alg}", f"run.seed={seed}",  # a cache per method
+                                      f"data.cache_dir={tmp_path / ('data-' + alg)}"]],
+             "--out", str(tmp_path / f"{alg}-s{seed}")] for seed in (0, 1) for alg in ("fedavg", "fedism")]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def start(alg, seed):  # one benchmark cache per method: never two processes building the same one
-        args = [f"--set={s}" for s in [*tiny, f"algorithm.name={alg}", f"run.seed={seed}",
-                                       f"data.cache_dir={tmp_path / ('data-' + alg)}"]]
-        return subprocess.Popen([sys.executable, "-m", "hpcfl.run", *args, "--out", str(tmp_path / f"{alg}-s{seed}")],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    for seed in (0, 1):
-        procs = [start(alg, seed) for alg in ("fedavg", "fedism")]
-        for p in procs:
-            out, _ = p.communicate(timeout=300)
-            assert p.returncode == 0, out
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "run_many.py"), str(tmp_path / "jobs.json")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     dirs = [str(tmp_path / f"{alg}-s{seed}") for alg in ("fedism", "fedavg") for seed in (0, 1)]
     assert main([*dirs, "--out", str(tmp_path / "report")]) == 0
     printed = capsys.readouterr().out
