@@ -153,6 +153,9 @@ def test_preemption_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path):
     while job_info(f"{job}_0").get("Restarts") != "1" or job_info(f"{job}_0").get("JobState") != "PENDING":
         assert time.time() < deadline, job_info(f"{job}_0")
         time.sleep(0.5)
+    # ... but not within the second in which the first run's credential was revoked: slurmd compares whole seconds
+    # and refuses the new launch ("Job credential revoked", the job FAILED), which Slurm's own delay avoids
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True, timeout=30)
     wait_for_job(job, 300)
     info = job_info(f"{job}_0")
