@@ -144,13 +144,10 @@ class ServerRecord:
             fed.layout.load_vector(fed.model, vec)
             probabilities = {name: predict_proba(fed.model, images, fed.transform, fed.cfg.eval.batch_size)
                              for name, (images, _) in fed.test_sets.items()}
-        self._log(partial, probabilities)
-        self.pending = None
-
-    def _log(self, partial: dict, probabilities: dict[str, np.ndarray]) -> None:
         results = {name: classification_metrics(labels, probabilities[name])
-                   for name, (_, labels) in self.fed.test_sets.items()}
+                   for name, (_, labels) in fed.test_sets.items()}
         line = {"round": partial["round"], "algorithm": partial["algorithm"], "metrics": results,
                 "gap": gaps(results), **partial}
         self.runlog.add(line)
-        self.progress.round_done(progress_text(line, self.fed.cfg.run.rounds))
+        self.progress.round_done(progress_text(line, fed.cfg.run.rounds))
+        self.pending = None

@@ -83,11 +83,13 @@ def test_auto_placement_tests_on_the_client_ranks_when_ranks_outnumber_cores(tmp
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("needs two cores")
+    # the launcher is started by a tiny Python that sets its own affinity and execs it (no preexec_fn: not safe
+    # in a process with threads, as a pytest-xdist worker is)
+    pin = "import os, sys; os.sched_setaffinity(0, eval(sys.argv[1])); os.execvp(sys.argv[2], sys.argv[2:])"
     for name, pinned in (("pinned", {cores[0]}), ("free", set(cores))):
-        cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "hpcfl.run", "--out", str(tmp_path / name),
-               *sets(*TINY, f"data.cache_dir={data_cache}", "run.rounds=1")]
-        p = subprocess.run(["timeout", "-k", "10", "120", *cmd], cwd=REPO, capture_output=True, text=True,
-                           preexec_fn=lambda cpus=pinned: os.sched_setaffinity(0, cpus))
+        cmd = [sys.executable, "-c", pin, repr(pinned), mpiexec(), "-n", "2", sys.executable, "-m", "hpcfl.run",
+               "--out", str(tmp_path / name), *sets(*TINY, f"data.cache_dir={data_cache}", "run.rounds=1")]
+        p = subprocess.run(["timeout", "-k", "10", "120", *cmd], cwd=REPO, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "pinned" / "run.json").read_text())["test_sets_on"] == "clients"
     assert json.loads((tmp_path / "free" / "run.json").read_text())["test_sets_on"] == "server"
