@@ -106,9 +106,9 @@ class Comm:
         """Index of this rank among the client ranks on the same node (for GPU mapping)."""
         return 0
 
-    def ranks_outnumber_cores(self) -> bool:
-        """Do the ranks on the server's node outnumber the cores they may run on (the union of their CPU
-        affinities)? The same answer on every rank; a collective."""
+    def ranks_outnumber_cores(self, threads_per_rank: int = 1) -> bool:
+        """Do the ranks on the server's node, ``threads_per_rank`` threads each, outnumber the cores they may run
+        on (the union of their CPU affinities)? The same answer on every rank; a collective."""
         return False
 
     def abort(self, code: int = 1) -> None:
@@ -271,15 +271,16 @@ class MPIComm(Comm):
         return self._collective(lambda: self.comm.Gatherv(send, [out, counts, displacements, self._MPI.FLOAT],
                                                           root=SERVER) or out)
 
-    def ranks_outnumber_cores(self):
+    def ranks_outnumber_cores(self, threads_per_rank=1):
         mine = np.zeros(os.cpu_count() or 1, dtype=np.int32)
-        mine[[c for c in os.sched_getaffinity(0) if c < len(mine)]] = 1
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core counts
+        mine[[c for c in (affinity(0) if affinity else range(len(mine))) if c < len(mine)]] = 1
 
         def ask():  # once every rank has arrived (a stopped rank is then named by the watchdog, as anywhere)
             node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED, key=self.rank)
             usable = np.empty_like(mine)
             node.Allreduce(mine, usable, op=self._MPI.MAX)
-            verdict = np.array([node.Get_size() > int(usable.sum())], dtype=np.int64)
+            verdict = np.array([node.Get_size() * threads_per_rank > int(usable.sum())], dtype=np.int64)
             node.Free()
             self.comm.Bcast(verdict, root=SERVER)  # the server's node decides
             return bool(verdict[0])

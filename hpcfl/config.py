@@ -165,11 +165,12 @@ class EvalConfig:
     every: int = option(1, lo=1, doc="evaluate every k rounds (and always after the last)")
     batch_size: int = option(256, lo=1, doc="evaluation batch size")
     placement: str = option("auto", choices=("auto", "server", "clients"),
-                            doc="under MPI, who tests the global model on the test sets: 'server' (overlapped with "
-                                "the next round's training: free when the server has a core of its own), 'clients' "
-                                "(each client rank its share of the rows, right after the aggregation, gathered to "
-                                "the server), 'auto' = 'clients' when the ranks on the server's node outnumber "
-                                "their cores; the metrics are the same either way")
+                            doc="under MPI, who tests the global model on the test sets: 'server' (on its CPU, "
+                                "overlapped with the next round's training: free when the server has a core of its "
+                                "own), 'clients' (each client rank its share of the rows, on its device, right after "
+                                "the aggregation, gathered to the server), 'auto' = 'clients' when client ranks use "
+                                "a GPU or the ranks on the server's node (run.torch_threads each) outnumber its "
+                                "cores; on the CPU the metrics are the same bits either way")
 
 
 @dataclass

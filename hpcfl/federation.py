@@ -105,15 +105,18 @@ def pick_device(cfg, comm: Comm) -> torch.device:
     return device
 
 
-def test_on_clients(cfg, comm: Comm) -> bool:
-    """eval.placement: may the client ranks test the global model (not the server)? 'auto' asks whether the ranks
-    on the server's node outnumber its cores: then the server's evaluation would take a core from training.
-    Every rank calls this (the core count is a collective under 'auto')."""
+def test_on_clients(cfg, comm: Comm, device: torch.device) -> bool:
+    """eval.placement: do the client ranks test the global model (not the server)? 'auto' says yes when client
+    ranks compute on a GPU (the server would test on its CPU, far slower) or when the ranks on the server's node,
+    run.torch_threads each, outnumber its cores (the server's evaluation would take a core from training).
+    Every rank calls this (under 'auto', two collectives)."""
     if comm.size == 1:
         return False
-    if cfg.eval.placement == "auto":
-        return comm.ranks_outnumber_cores()
-    return cfg.eval.placement == "clients"
+    if cfg.eval.placement != "auto":
+        return cfg.eval.placement == "clients"
+    on_gpu = comm.reduce_sum(np.array([float(device.type == "cuda")]), np.zeros(1))
+    verdict = comm.bcast(np.array([bool(comm.is_server and on_gpu[0] > 0)], dtype=np.int64))
+    return bool(verdict[0]) or comm.ranks_outnumber_cores(cfg.run.torch_threads)
 
 
 def split_rows(n: int, batch_size: int, parts: int) -> list[int]:
@@ -229,7 +232,7 @@ def setup_federation(cfg: Config, comm: Comm, out_dir: Path, where: Where) -> Fe
         fed.clients[cid], fed.val_parts[cid] = load_client(data_dir, manifest, cid, cfg.data.val_fraction,
                                                            cfg.run.seed, device)
     where.client = None
-    fed.test_on_clients = test_on_clients(cfg, comm)
+    fed.test_on_clients = test_on_clients(cfg, comm, device)
     for entry in manifest.test_sets:
         if fed.test_on_clients:
             rows = [0, *split_rows(entry.n, cfg.eval.batch_size, comm.num_client_ranks)]

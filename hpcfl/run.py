@@ -67,29 +67,38 @@ def main(argv=None) -> int:
 
     # Every rank reads and checks the same config before MPI starts (the config needs neither MPI nor torch), so
     # a bad config ends every rank the same way (exit 2) without a collective; only rank 0 says why.
-    # A user's shard directory too (manifest, and each shard's labels and shapes, not its images: h5py, no torch),
-    # so that bad data is refused in a fraction of a second, before MPI and torch start; the server checks it
-    # again in setup (the built-in benchmark exists only once it is built).
     try:
         path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
         cfg = config_mod.load(path, args.overrides)
         if args.out is not None:
             config_mod.toml_string(str(args.out))  # refuses a path that config.toml could not hold
             cfg.run.out = str(args.out)
-        if cfg.data.source != "builtin":
-            from hpcfl.data.shards import Manifest, check_directory
-
-            check_directory(cfg.data.source, Manifest.load(cfg.data.source))
-    except (UsageError, OSError, UnicodeError) as e:
+    except UsageError as e:
         if launcher_rank() == 0:
-            print(f"hpcfl: error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+            print(f"hpcfl: error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(cfg.run.out)
     EXIT_DEADLINE.clear()
-    # A rank stuck before the round watchdog runs (MPI's start-up holds the interpreter, so no Python thread could
-    # speak): a timer outside the interpreter ends this process, with where it was, after the setup's limit.
+    # A rank stuck before the round watchdog runs (a hung file system here, or MPI's start-up, which holds the
+    # interpreter, so no Python thread could speak): a timer outside the interpreter ends this process, with where
+    # it was, after the setup's limit.
     deadline = cfg.run.round_timeout_s or RoundWatchdog.FIRST_ROUND * cfg.run.watchdog_floor_s
     faulthandler.dump_traceback_later(deadline, exit=True)
+
+    # A user's shard directory too (manifest, and each shard's labels and shapes, not its images: h5py, no torch),
+    # so that bad data is refused in a fraction of a second, before MPI and torch start; the server checks it
+    # again in setup (the built-in benchmark exists only once it is built).
+    if cfg.data.source != "builtin":
+        try:
+            from hpcfl.data.shards import Manifest, check_directory
+
+            check_directory(cfg.data.source, Manifest.load(cfg.data.source))
+        except (UsageError, OSError, UnicodeError) as e:
+            faulthandler.cancel_dump_traceback_later()
+            text = describe_os_error(e) if isinstance(e, OSError) else str(e)
+            if launcher_rank() == 0:  # every rank sees the same files, as a rule: one message, as for the config
+                print(f"hpcfl: error: {text}", file=sys.stderr, flush=True)
+            return 2
 
     from hpcfl.comm import world
 

@@ -18,12 +18,14 @@ PHASES = [
     (2, 1, "local training", []),
     (0, 1, "weights", []),
     (1, 1, "aggregation", []),
-    (0, 1, "evaluation", []),
+    (0, 1, "evaluation", ["eval.placement=server"]),
+    (1, 1, "evaluation", ["eval.placement=clients"]),  # a client rank, while it tests its share of the test sets
     (2, 1, "checkpoint", ["run.checkpoint_every=1"]),
 ]
+IDS = [p[2].replace(" ", "_") + ("_on_clients" if "eval.placement=clients" in p[3] else "") for p in PHASES]
 
 
-@pytest.mark.parametrize("rank,rnd,phase,extra", PHASES, ids=[p[2].replace(" ", "_") for p in PHASES])
+@pytest.mark.parametrize("rank,rnd,phase,extra", PHASES, ids=IDS)
 def test_a_failure_in_every_phase_ends_the_job(tmp_path, data_cache, rank, rnd, phase, extra):
     p = launch(3, ["--out", str(tmp_path / "run"),
                    *sets(*TINY, f"data.cache_dir={data_cache}", f"debug.fail_at={rank}:{rnd}:{phase}", *extra)],

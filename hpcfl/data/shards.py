@@ -289,7 +289,7 @@ def check_directory(directory: str | Path, manifest: Manifest) -> None:
             with h5py.File(path, "r") as f:
                 images, labels, ids = f["images"], f["labels"][...], f["ids"]
                 shape, dtype, n_ids = tuple(images.shape), images.dtype, len(ids)
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:  # AttributeError: a group, not a dataset
             raise ShardError(f"{path}: not a readable hpcfl shard ({e})") from None
         if dtype != np.uint8 or len(shape) != 4:
             raise ShardError(f"{path}: images are {dtype} {shape}, expected uint8 [n, H, W, C]")
