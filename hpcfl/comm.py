@@ -98,8 +98,8 @@ class Comm:
         raise NotImplementedError
 
     def gather_rows(self, send: np.ndarray, rows: list[int]) -> np.ndarray | None:
-        """Concatenate every rank's ``send`` (float32, ``rows[r]`` rows of equal width on rank r) on the server,
-        in rank order; None elsewhere."""
+        """Concatenate every rank's ``send`` (2-D float32, ``rows[r]`` rows of equal width on rank r) on the
+        server, in rank order; None elsewhere."""
         raise NotImplementedError
 
     def local_client_rank(self) -> int:
@@ -264,9 +264,8 @@ class MPIComm(Comm):
         send = np.ascontiguousarray(send, dtype=np.float32)
         if self.rank != SERVER:
             return self._collective(lambda: self.comm.Gatherv(send, None, root=SERVER))
-        width = send.shape[1] if send.ndim == 2 else 1
-        out = np.empty((sum(rows), width), dtype=np.float32)
-        counts = [r * width for r in rows]
+        out = np.empty((sum(rows), send.shape[1]), dtype=np.float32)
+        counts = [r * send.shape[1] for r in rows]
         displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
         return self._collective(lambda: self.comm.Gatherv(send, [out, counts, displacements, self._MPI.FLOAT],
                                                           root=SERVER) or out)

@@ -245,8 +245,9 @@ def evaluate(fed: Federation, s: RoundState, record: ServerRecord | None, t_star
         return
     fed.enter("evaluation")
     held_out = ClientTable(fed.num_clients, ("bacc", "acc"))  # w^{t+1} on each held-out part
-    if cfg.data.val_fraction > 0:
+    if (cfg.data.val_fraction > 0 and fed.my_clients) or fed.test_shares:  # w^{t+1}, for what this rank tests
         fed.layout.load_vector(fed.model, s.global_vec)
+    if cfg.data.val_fraction > 0:
         for cid in fed.my_clients:
             fed.where.client = cid
             part = fed.val_parts[cid]
@@ -258,7 +259,7 @@ def evaluate(fed: Federation, s: RoundState, record: ServerRecord | None, t_star
             held_out[cid] = (m["bacc"], m["acc"])
         fed.where.client = None
         held_out.sum_to_server(fed.comm)
-    probabilities = test_on_client_ranks(fed, s) if fed.test_on_clients else None
+    probabilities = test_on_client_ranks(fed) if fed.test_on_clients else None
     if record is None:
         return
     line = {"round": t, "algorithm": cfg.algorithm.name, "weights": [float(w) for w in s.weights], "keep": s.keep,
@@ -273,11 +274,10 @@ def evaluate(fed: Federation, s: RoundState, record: ServerRecord | None, t_star
     record.add(s.global_vec, line, probabilities)
 
 
-def test_on_client_ranks(fed: Federation, s: RoundState) -> dict[str, np.ndarray] | None:
-    """eval.placement 'clients': each client rank predicts its share of every test set's rows with w^{t+1}, at
-    once (no rank waits for a core the server's evaluation holds); the server gathers the probabilities."""
-    if not fed.is_server:
-        fed.layout.load_vector(fed.model, s.global_vec)
+def test_on_client_ranks(fed: Federation) -> dict[str, np.ndarray] | None:
+    """eval.placement 'clients': each client rank predicts its share of every test set's rows with w^{t+1} (loaded
+    by ``evaluate``), at once (no rank waits for a core the server's evaluation holds); the server gathers the
+    probabilities."""
     probabilities = {}
     for name, rows in fed.test_rows.items():
         share = fed.test_shares.get(name)
